@@ -1,0 +1,71 @@
+import json
+
+from django.contrib import admin
+from django.utils.html import format_html
+
+from generation.models import ModelFile, VideoJob, WebhookDelivery, Workflow
+from gpu.admin import human_duration
+
+
+@admin.register(ModelFile)
+class ModelFileAdmin(admin.ModelAdmin):
+    list_display = ("name", "filename", "folder", "size", "has_sha256")
+    search_fields = ("name", "filename")
+
+    @admin.display(boolean=True, description="sha256")
+    def has_sha256(self, obj):
+        return bool(obj.sha256)
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):
+    list_display = ("slug", "name", "output_node", "is_active", "updated_at")
+    list_filter = ("is_active",)
+    search_fields = ("slug", "name")
+    filter_horizontal = ("model_files",)
+
+
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    extra = 0
+    can_delete = False
+    readonly_fields = ("attempt", "at", "url", "status_code", "ok", "error", "duration_ms")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(VideoJob)
+class VideoJobAdmin(admin.ModelAdmin):
+    list_display = ("id", "owner", "status", "backend", "workflow_slug", "progress_pct", "duration", "cost", "created_at")
+    list_filter = ("status", "backend", "workflow_slug")
+    search_fields = ("id", "prompt", "owner__username", "prompt_id", "request_id")
+    date_hierarchy = "created_at"
+    inlines = [WebhookDeliveryInline]
+    readonly_fields = [f.name for f in VideoJob._meta.fields if f.name not in ("lease_token",)] + ["player", "duration", "cost"]
+    exclude = ("lease_token",)
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="Progress")
+    def progress_pct(self, obj):
+        if obj.steps_total:
+            return f"{obj.step}/{obj.steps_total} ({obj.progress:.0%})"
+        return f"{obj.progress:.0%}"
+
+    @admin.display(description="Duration")
+    def duration(self, obj):
+        return human_duration(obj.duration_seconds())
+
+    @admin.display(description="Cost")
+    def cost(self, obj):
+        return "—" if obj.cost_usd is None else f"${obj.cost_usd:.4f}"
+
+    @admin.display(description="Video")
+    def player(self, obj):
+        if not obj.video:
+            return "—"
+        from generation.domain import video_url
+
+        return format_html('<video src="{}" controls preload="metadata" style="max-width:480px"></video>', video_url(obj))

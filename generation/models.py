@@ -1,0 +1,206 @@
+import uuid
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from gpu.models import IllegalTransition, VastInstance
+
+
+class ModelFile(models.Model):
+    """One model file a workflow needs: where ComfyUI wants it and where R2 keeps it."""
+
+    name = models.CharField(max_length=100, unique=True)
+    filename = models.CharField(max_length=300)
+    folder = models.CharField(max_length=64, help_text="ComfyUI models/ folder, e.g. unet, loras, vae")
+    r2_key = models.CharField(max_length=500)
+    size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    source = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.filename} ({self.folder})"
+
+
+class Workflow(models.Model):
+    """A ComfyUI API-format graph plus where each job parameter goes (bindings)."""
+
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    graph = models.JSONField()
+    bindings = models.JSONField(default=dict)
+    output_node = models.CharField(max_length=32)
+    defaults = models.JSONField(default=dict, blank=True)
+    model_files = models.ManyToManyField(ModelFile, blank=True, related_name="workflows")
+    is_active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return f"{self.slug} ({'active' if self.is_active else 'inactive'})"
+
+
+class VideoJob(models.Model):
+    """One image-to-video request and everything that happened to it."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PROVISIONING = "provisioning"
+        SUBMITTED = "submitted"
+        RUNNING = "running"
+        UPLOADING = "uploading"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Backend(models.TextChoices):
+        COMFYUI = "comfyui", "ComfyUI (GPU)"
+        FAL = "fal", "fal.ai"
+
+    # The forward path; a job only ever moves right along it, or to failed/cancelled.
+    PATH = [Status.QUEUED, Status.PROVISIONING, Status.SUBMITTED, Status.RUNNING, Status.UPLOADING, Status.COMPLETED]
+    TERMINAL = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+    ACTIVE = (Status.QUEUED, Status.PROVISIONING, Status.SUBMITTED, Status.RUNNING, Status.UPLOADING)
+    # Column stamped when a job enters a state.
+    STAMPS = {
+        Status.PROVISIONING: "provisioning_at",
+        Status.SUBMITTED: "submitted_at",
+        Status.RUNNING: "started_at",
+        Status.UPLOADING: "uploading_at",
+        Status.COMPLETED: "finished_at",
+        Status.FAILED: "finished_at",
+        Status.CANCELLED: "finished_at",
+    }
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="video_jobs")
+    input_image = models.FileField(upload_to="inputs/%Y/%m/", max_length=300)
+    image_url = models.URLField(max_length=2000, blank=True, help_text="Where the image was fetched from, if given as a URL")
+    prompt = models.TextField()
+    negative_prompt = models.TextField(blank=True)
+    backend = models.CharField(max_length=10, choices=Backend.choices, default=Backend.COMFYUI)
+    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.SET_NULL)
+    workflow_slug = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    frames = models.PositiveIntegerField()
+    fps = models.PositiveIntegerField()
+    seed = models.BigIntegerField(null=True, blank=True)
+    steps = models.PositiveIntegerField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    webhook_url = models.URLField(max_length=2000, blank=True)
+
+    # Where it ran.
+    instance = models.ForeignKey(VastInstance, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    comfyui_url = models.URLField(max_length=500, blank=True)
+    prompt_id = models.CharField(max_length=64, blank=True)
+    client_id = models.CharField(max_length=64, blank=True)
+    submit_count = models.PositiveIntegerField(default=0)
+    request_id = models.CharField(max_length=100, blank=True)
+    provider_urls = models.JSONField(default=dict, blank=True)
+
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.QUEUED)
+    progress = models.FloatField(default=0.0)
+    step = models.PositiveIntegerField(default=0)
+    steps_total = models.PositiveIntegerField(default=0)
+    current_node = models.CharField(max_length=100, blank=True)
+    queue_position = models.IntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    cancel_requested = models.BooleanField(default=False)
+
+    video = models.FileField(upload_to="videos/%Y/%m/", max_length=300, blank=True)
+    video_size = models.BigIntegerField(null=True, blank=True)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    status_changed_at = models.DateTimeField(default=timezone.now)
+    provisioning_at = models.DateTimeField(null=True, blank=True)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    uploading_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cost_usd = models.DecimalField(max_digits=10, decimal_places=4, null=True, blank=True)
+
+    # A lease so that only one task works on a job at a time.
+    lease_token = models.CharField(max_length=32, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "idempotency_key"], name="unique_idempotency_key_per_owner"),
+        ]
+        indexes = [
+            # GET /api/jobs: a user's jobs newest first, optionally by status.
+            models.Index(fields=["owner", "-created_at"]),
+            # The watchdog: active jobs whose lease ran out.
+            models.Index(fields=["status", "lease_until"]),
+        ]
+
+    def __str__(self):
+        return f"VideoJob {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self):
+        return self.status in self.TERMINAL
+
+    @classmethod
+    def can_transition(cls, frm, to) -> bool:
+        if frm in cls.TERMINAL or frm == to:
+            return False
+        if to in (cls.Status.FAILED, cls.Status.CANCELLED):
+            return True
+        if to not in cls.PATH:
+            return False
+        return cls.PATH.index(to) > cls.PATH.index(frm)
+
+    def transition(self, to, **fields) -> bool:
+        """Compare-and-set self.status → `to` (refuses illegal moves; False if another writer won)."""
+        if not self.can_transition(self.status, to):
+            raise IllegalTransition(f"Job cannot go from {self.status} to {to}.")
+        now = timezone.now()
+        fields["status_changed_at"] = now
+        fields.setdefault(self.STAMPS[to], now)
+        if to == self.Status.COMPLETED:
+            fields.setdefault("progress", 1.0)
+        won = VideoJob.objects.filter(pk=self.pk, status=self.status).update(status=to, **fields) == 1
+        if won:
+            self.status = to
+            for key, value in fields.items():
+                setattr(self, key, value)
+        return won
+
+    def duration_seconds(self):
+        if not self.finished_at:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+    def gpu_seconds(self):
+        if not self.started_at:
+            return None
+        end = self.finished_at or timezone.now()
+        return max(0.0, (end - (self.submitted_at or self.started_at)).total_seconds())
+
+
+class WebhookDelivery(models.Model):
+    """One attempt to POST a job's final state to its webhook_url."""
+
+    job = models.ForeignKey(VideoJob, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    attempt = models.PositiveIntegerField()
+    at = models.DateTimeField(default=timezone.now)
+    url = models.URLField(max_length=2000)
+    status_code = models.IntegerField(null=True, blank=True)
+    ok = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["job", "attempt"]
+
+    def __str__(self):
+        return f"Webhook {self.job_id} #{self.attempt} ({'ok' if self.ok else 'failed'})"
+

@@ -1,0 +1,136 @@
+from django import forms
+from django.contrib import admin, messages
+from django.shortcuts import redirect
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from gpu import domain
+from gpu.models import GpuConfig, GpuConfigChange, VastInstance
+
+
+def human_duration(seconds):
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    hours, rem = divmod(seconds, 3600)
+    minutes, secs = divmod(rem, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+class GpuConfigForm(forms.ModelForm):
+    comfyui_token = forms.CharField(
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only. Leave empty to keep the current token.",
+    )
+    clear_comfyui_token = forms.BooleanField(required=False, label="Clear the ComfyUI token")
+
+    class Meta:
+        model = GpuConfig
+        exclude = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        is_set = bool(self.instance and self.instance.comfyui_token)
+        self.fields["comfyui_token"].help_text = (
+            f"Currently {'set' if is_set else 'not set'}. Write-only: leave empty to keep it."
+        )
+
+    def clean_comfyui_token(self):
+        value = self.cleaned_data.get("comfyui_token")
+        if self.cleaned_data.get("clear_comfyui_token"):
+            return ""
+        return value or self.instance.comfyui_token
+
+
+@admin.register(GpuConfig)
+class GpuConfigAdmin(admin.ModelAdmin):
+    form = GpuConfigForm
+    change_form_template = "admin/gpu/gpuconfig/change_form.html"
+    fieldsets = (
+        ("Where jobs run", {"fields": ("gpu_provider", "comfyui_url", "swarmui_url", "comfyui_token", "clear_comfyui_token", "vastai_instance_id", "default_workflow")}),
+        ("vast.ai provisioning policy", {"fields": (
+            "min_vram_gb", "gpu_names", "max_dph", "min_reliability", "min_inet_down_mbps", "verified_only",
+            "min_direct_ports", "disk_gb", "docker_image", "template_hash", "max_instances", "idle_minutes",
+            "boot_timeout_minutes", "scale_out_wait_seconds", "max_daily_spend")}),
+    )
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        config = GpuConfig.get()
+        return redirect(reverse("admin:gpu_gpuconfig_change", args=[config.pk]))
+
+    def get_urls(self):
+        return [
+            path("test-connection/", self.admin_site.admin_view(self.test_connection), name="gpu_gpuconfig_test"),
+        ] + super().get_urls()
+
+    def test_connection(self, request):
+        from gpu.probe import probe
+
+        config = GpuConfig.get()
+        if request.method == "POST":
+            for label, url in (("ComfyUI", config.comfyui_url), ("SwarmUI", config.swarmui_url)):
+                if not url:
+                    continue
+                result = probe(url, token=config.comfyui_token)
+                level = messages.SUCCESS if result["ready"] else messages.ERROR
+                extra = ""
+                devices = result["details"].get("devices")
+                if devices:
+                    extra = " — " + ", ".join(f"{d['name']} ({d['vram_total_gb']} GB)" for d in devices)
+                messages.add_message(request, level, f"{label} at {url}: {result['message']}{extra}")
+            if not (config.comfyui_url or config.swarmui_url):
+                messages.warning(request, "No ComfyUI or SwarmUI URL is configured yet.")
+        return redirect(reverse("admin:gpu_gpuconfig_change", args=[config.pk]))
+
+    def save_model(self, request, obj, form, change):
+        domain.save_config(obj, user=request.user, source="admin")
+
+
+@admin.register(GpuConfigChange)
+class GpuConfigChangeAdmin(admin.ModelAdmin):
+    list_display = ("at", "user", "source", "field", "old_value", "new_value")
+    list_filter = ("field", "source")
+    readonly_fields = ("at", "user", "source", "field", "old_value", "new_value")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(VastInstance)
+class VastInstanceAdmin(admin.ModelAdmin):
+    list_display = ("vast_id", "state", "gpu_name", "dph_total", "uptime", "cost", "created_at")
+    list_filter = ("state", "gpu_name")
+    search_fields = ("vast_id", "gpu_name", "id", "comfyui_url")
+    readonly_fields = (
+        "id", "vast_id", "offer_id", "machine_id", "gpu_name", "num_gpus", "gpu_ram_mb", "dph_total", "state",
+        "status_msg", "error", "comfyui_url", "created_at", "state_changed_at", "ready_at", "last_busy_at",
+        "destroyed_at", "cost",
+    )
+    exclude = ("web_password", "cost_usd")
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="Uptime")
+    def uptime(self, obj):
+        end = obj.destroyed_at or timezone.now()
+        return human_duration((end - obj.created_at).total_seconds())
+
+    @admin.display(description="Cost so far")
+    def cost(self, obj):
+        return format_html("${}", f"{obj.accrued_cost():.2f}")

@@ -1,0 +1,170 @@
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class GpuConfig(models.Model):
+    """The one GPU configuration row (a singleton, pk=1), edited in the admin and the API."""
+
+    class Provider(models.TextChoices):
+        NONE = "none", "None"
+        LOCAL = "local", "Local / any URL"
+        VASTAI = "vastai", "vast.ai"
+
+    SINGLETON_PK = 1
+    SECRET_FIELDS = ("comfyui_token",)
+
+    comfyui_url = models.URLField(max_length=500, blank=True, help_text="e.g. the tunnel URL behind vast.ai's Open button")
+    swarmui_url = models.URLField(max_length=500, blank=True)
+    gpu_provider = models.CharField(max_length=10, choices=Provider.choices, default=Provider.NONE)
+    vastai_instance_id = models.BigIntegerField(null=True, blank=True, help_text="vast.ai id of the instance in use")
+    comfyui_token = models.CharField(
+        max_length=500, blank=True, help_text="Sent as Authorization: Bearer to ComfyUI. Write-only."
+    )
+    default_workflow = models.CharField(max_length=64, default="wan22-i2v")
+
+    # Provisioning policy (vast.ai).
+    min_vram_gb = models.PositiveIntegerField(default=24)
+    gpu_names = models.CharField(max_length=500, blank=True, help_text="Comma separated, e.g. RTX 4090, RTX 5090")
+    max_dph = models.DecimalField("max $/hour", max_digits=8, decimal_places=4, default=Decimal("1.0000"))
+    min_reliability = models.FloatField(default=0.98)
+    min_inet_down_mbps = models.PositiveIntegerField(default=500)
+    verified_only = models.BooleanField(default=True)
+    min_direct_ports = models.PositiveIntegerField(default=4)
+    disk_gb = models.PositiveIntegerField(default=80)
+    docker_image = models.CharField(max_length=300, default="vastai/comfy:latest")
+    template_hash = models.CharField(max_length=100, blank=True)
+    max_instances = models.PositiveIntegerField(default=1)
+    idle_minutes = models.PositiveIntegerField(default=15, help_text="Destroy an instance idle this long.")
+    boot_timeout_minutes = models.PositiveIntegerField(default=30)
+    scale_out_wait_seconds = models.PositiveIntegerField(default=300)
+    max_daily_spend = models.DecimalField(max_digits=10, decimal_places=2, default=Decimal("20.00"))
+
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "GPU configuration"
+        verbose_name_plural = "GPU configuration"
+
+    def __str__(self):
+        return f"GPU config ({self.gpu_provider})"
+
+    def save(self, *args, **kwargs):
+        self.pk = self.SINGLETON_PK
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError("The GPU configuration cannot be deleted; clear its fields instead.")
+
+    @classmethod
+    def get(cls):
+        obj, _ = cls.objects.get_or_create(
+            pk=cls.SINGLETON_PK,
+            defaults={"comfyui_url": settings.COMFYUI_URL, "swarmui_url": settings.SWARMUI_URL},
+        )
+        return obj
+
+
+class GpuConfigChange(models.Model):
+    """One recorded change of a GpuConfig field (secrets masked)."""
+
+    at = models.DateTimeField(default=timezone.now)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    field = models.CharField(max_length=64)
+    old_value = models.TextField(blank=True)
+    new_value = models.TextField(blank=True)
+    source = models.CharField(max_length=20, default="api")
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self):
+        return f"{self.field}: {self.old_value!r} → {self.new_value!r}"
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class VastInstance(models.Model):
+    """One rented vast.ai instance and what it has cost."""
+
+    class State(models.TextChoices):
+        CREATING = "creating"
+        LOADING = "loading"
+        RUNNING = "running"
+        DESTROYING = "destroying"
+        DESTROYED = "destroyed"
+        FAILED = "failed"
+
+    TRANSITIONS = {
+        State.CREATING: {State.LOADING, State.RUNNING, State.DESTROYING, State.FAILED},
+        State.LOADING: {State.RUNNING, State.DESTROYING, State.FAILED},
+        State.RUNNING: {State.DESTROYING, State.FAILED},
+        # A failed instance may still exist on vast.ai: it must be destroyed too.
+        State.FAILED: {State.DESTROYING, State.DESTROYED},
+        State.DESTROYING: {State.DESTROYED, State.FAILED},
+        State.DESTROYED: set(),
+    }
+    LIVE = (State.CREATING, State.LOADING, State.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vast_id = models.BigIntegerField(null=True, blank=True, unique=True)
+    offer_id = models.BigIntegerField(null=True, blank=True)
+    machine_id = models.BigIntegerField(null=True, blank=True)
+    gpu_name = models.CharField(max_length=100, blank=True)
+    num_gpus = models.PositiveIntegerField(default=1)
+    gpu_ram_mb = models.PositiveIntegerField(null=True, blank=True)
+    dph_total = models.DecimalField("$/hour", max_digits=8, decimal_places=4, default=Decimal("0"))
+    state = models.CharField(max_length=12, choices=State.choices, default=State.CREATING)
+    status_msg = models.CharField(max_length=500, blank=True)
+    error = models.TextField(blank=True)
+    comfyui_url = models.URLField(max_length=500, blank=True)
+    web_password = models.CharField(max_length=100, blank=True, editable=False)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    last_busy_at = models.DateTimeField(null=True, blank=True)
+    destroyed_at = models.DateTimeField(null=True, blank=True)
+    cost_usd = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Live instances for scheduling and the idle reaper.
+            models.Index(fields=["state", "created_at"]),
+        ]
+
+    def __str__(self):
+        return f"VastInstance {self.vast_id or self.id} ({self.state})"
+
+    @classmethod
+    def can_transition(cls, frm, to) -> bool:
+        return to in cls.TRANSITIONS.get(frm, set())
+
+    def transition(self, to, **fields) -> bool:
+        """Compare-and-set self.state → `to`. Refuses illegal moves; False if another writer won."""
+        if not self.can_transition(self.state, to):
+            raise IllegalTransition(f"Instance cannot go from {self.state} to {to}.")
+        now = timezone.now()
+        fields.setdefault("state_changed_at", now)
+        if to == self.State.RUNNING:
+            fields.setdefault("ready_at", now)
+        if to == self.State.DESTROYED:
+            fields.setdefault("destroyed_at", now)
+        won = VastInstance.objects.filter(pk=self.pk, state=self.state).update(state=to, **fields) == 1
+        if won:
+            self.state = to
+            for key, value in fields.items():
+                setattr(self, key, value)
+        return won
+
+    def accrued_cost(self, now=None) -> Decimal:
+        """$/hour × time since creation (until destroyed)."""
+        end = self.destroyed_at or now or timezone.now()
+        seconds = max(0.0, (end - self.created_at).total_seconds())
+        return (self.dph_total * Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.0001"))

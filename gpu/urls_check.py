@@ -1,0 +1,22 @@
+from urllib.parse import urlsplit
+
+
+def validate_service_url(value: str) -> str:
+    """A ComfyUI/SwarmUI base URL: http(s), a host, no credentials; returned without trailing slash."""
+    value = value.strip()
+    if len(value) > 500:
+        raise ValueError("must be at most 500 characters")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("must include a host name")
+    if parts.username or parts.password:
+        raise ValueError("must not contain a user name or password; set comfyui_token instead")
+    if any(ch in value for ch in " \r\n\t\x00"):
+        raise ValueError("must not contain spaces or control characters")
+    return value.rstrip("/")

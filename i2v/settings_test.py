@@ -1,0 +1,18 @@
+"""Test settings: the real settings, with a throwaway data dir and a shareable test database."""
+
+import os
+import tempfile
+
+os.environ.setdefault("I2V_DATA_DIR", tempfile.mkdtemp(prefix="i2v-test-"))
+# django-q2 reads Q_CLUSTER once at import: a test-only queue name keeps Redis tidy.
+os.environ.setdefault("I2V_Q_NAME", "i2v-test")
+
+from i2v.settings import *  # noqa: E402,F401,F403
+from i2v.settings import DATA_DIR, DATABASES, Q_CLUSTER  # noqa: E402
+
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # A file, not :memory:, so a worker process started by a test sees the same database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}  # noqa: F405

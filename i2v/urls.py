@@ -1,0 +1,18 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+from i2v import views
+from i2v.api import api
+
+admin.site.site_header = "i2v administration"
+admin.site.site_title = "i2v admin"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", api.urls),
+    path("accounts/login/", views.RateLimitedLoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("", include("generation.urls")),
+    path("gpu/", include("gpu.urls")),
+]

@@ -1,0 +1,34 @@
+from django.contrib.auth import views as auth_views
+from django.core.cache import cache
+from django.http import HttpResponse
+
+LOGIN_ATTEMPTS = 10
+LOGIN_WINDOW = 300
+
+
+class RateLimitedLoginView(auth_views.LoginView):
+    """Django's login, refusing more than LOGIN_ATTEMPTS failures per client per window."""
+
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+    def _key(self):
+        return f"login-fail:{self.request.META.get('REMOTE_ADDR', '')}"
+
+    def post(self, request, *args, **kwargs):
+        if cache.get(self._key(), 0) >= LOGIN_ATTEMPTS:
+            return HttpResponse(
+                "Too many failed logins from this address. Wait a few minutes and try again.",
+                status=429,
+                content_type="text/plain",
+            )
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        key = self._key()
+        cache.add(key, 0, LOGIN_WINDOW)
+        try:
+            cache.incr(key)
+        except ValueError:
+            cache.set(key, 1, LOGIN_WINDOW)
+        return super().form_invalid(form)

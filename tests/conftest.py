@@ -1,0 +1,93 @@
+import socket
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from i2v.models import ApiToken
+
+
+@pytest.fixture
+def user(db):
+    return get_user_model().objects.create_user("alice", password="alice-pass-123")
+
+
+@pytest.fixture
+def other_user(db):
+    return get_user_model().objects.create_user("bob", password="bob-pass-123")
+
+
+@pytest.fixture
+def staff(db):
+    return get_user_model().objects.create_user("carol", password="carol-pass-123", is_staff=True, is_superuser=True)
+
+
+def _token_for(u):
+    return ApiToken.issue(u, name="test")[1]
+
+
+@pytest.fixture
+def token(user):
+    return _token_for(user)
+
+
+@pytest.fixture
+def staff_token(staff):
+    return _token_for(staff)
+
+
+@pytest.fixture
+def other_token(other_user):
+    return _token_for(other_user)
+
+
+class Api:
+    """Django's test client with a Bearer token: api.get('/api/jobs') etc."""
+
+    def __init__(self, client, key):
+        self.client, self.key = client, key
+
+    def _headers(self, headers):
+        headers = dict(headers or {})
+        if self.key:
+            headers.setdefault("Authorization", f"Bearer {self.key}")
+        return headers
+
+    def get(self, path, headers=None, **kw):
+        return self.client.get(path, headers=self._headers(headers), **kw)
+
+    def post(self, path, data=None, headers=None, json=True, **kw):
+        if json:
+            return self.client.post(path, data=data or {}, content_type="application/json", headers=self._headers(headers), **kw)
+        return self.client.post(path, data=data or {}, headers=self._headers(headers), **kw)
+
+    def delete(self, path, headers=None, **kw):
+        return self.client.delete(path, headers=self._headers(headers), **kw)
+
+
+@pytest.fixture
+def api(client, token):
+    return Api(client, token)
+
+
+@pytest.fixture
+def staff_api(client, staff_token):
+    return Api(client, staff_token)
+
+
+@pytest.fixture
+def anon_api(client):
+    return Api(client, None)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    from django.core.cache import cache
+
+    cache.clear()
+    yield

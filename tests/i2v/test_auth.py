@@ -1,0 +1,75 @@
+from i2v.models import ApiToken, hash_token
+
+
+def test_api_without_token_is_401(anon_api):
+    resp = anon_api.get("/api/gpu/config")
+    assert resp.status_code == 401
+    assert "Bearer" in resp.json()["detail"]
+
+
+def test_api_with_valid_token_answers(api):
+    resp = api.get("/api/gpu/config")
+    assert resp.status_code == 200
+    assert resp.json()["gpu_provider"] == "none"
+
+
+def test_api_with_wrong_token_is_401(client, token):
+    resp = client.get("/api/gpu/config", headers={"Authorization": f"Bearer {token}x"})
+    assert resp.status_code == 401
+
+
+def test_api_with_revoked_token_is_401(client, user):
+    row, key = ApiToken.issue(user)
+    assert client.get("/api/gpu/config", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    row.revoke()
+    assert client.get("/api/gpu/config", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_token_is_stored_hashed(user):
+    row, key = ApiToken.issue(user)
+    stored = ApiToken.objects.get(pk=row.pk)
+    assert stored.key_hash == hash_token(key)
+    assert key not in (stored.key_hash, stored.prefix, stored.name)
+    assert len(key) > 40
+
+
+def test_token_of_inactive_user_is_401(client, user, token):
+    user.is_active = False
+    user.save()
+    assert client.get("/api/gpu/config", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_create_api_token_command_prints_token_last(user, capsys):
+    from django.core.management import call_command
+
+    call_command("create_api_token", "alice")
+    out = capsys.readouterr().out.strip().splitlines()
+    key = out[-1]
+    assert ApiToken.authenticate(key) == user
+
+
+def test_session_post_without_csrf_is_refused(client, staff):
+    client.force_login(staff)
+    from django.test import Client
+
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(staff)
+    resp = strict.post("/api/gpu/config", data={"gpu_provider": "local"}, content_type="application/json")
+    assert resp.status_code in (401, 403)
+    from gpu.models import GpuConfig
+
+    assert GpuConfig.get().gpu_provider == "none"
+
+
+def test_pages_redirect_to_login(client):
+    resp = client.get("/")
+    assert resp.status_code == 302
+    assert resp["Location"].startswith("/accounts/login/")
+
+
+def test_login_is_rate_limited(client, user):
+    for _ in range(10):
+        assert client.post("/accounts/login/", {"username": "alice", "password": "wrong"}).status_code == 200
+    resp = client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-123"})
+    assert resp.status_code == 429
+    assert "Too many failed logins" in resp.content.decode()
