@@ -147,7 +147,6 @@ STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
-FORMS_URLFIELD_ASSUME_HTTPS = True
 
 R2_BUCKET = env("R2_BUCKET")
 R2_ENDPOINT_URL = env("R2_ENDPOINT_URL") or (

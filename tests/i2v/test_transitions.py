@@ -1,0 +1,107 @@
+import threading
+
+import pytest
+from django.db import connection
+
+from generation.models import VideoJob
+from gpu.models import IllegalTransition, VastInstance
+
+S = VideoJob.Status
+JOB_ALLOWED = {
+    S.QUEUED: {S.PROVISIONING, S.SUBMITTED, S.RUNNING, S.UPLOADING, S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.PROVISIONING: {S.SUBMITTED, S.RUNNING, S.UPLOADING, S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.SUBMITTED: {S.RUNNING, S.UPLOADING, S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.RUNNING: {S.UPLOADING, S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.UPLOADING: {S.COMPLETED, S.FAILED, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.FAILED: set(),
+    S.CANCELLED: set(),
+}
+I = VastInstance.State
+INSTANCE_ALLOWED = {
+    I.CREATING: {I.LOADING, I.RUNNING, I.DESTROYING, I.FAILED},
+    I.LOADING: {I.RUNNING, I.DESTROYING, I.FAILED},
+    I.RUNNING: {I.DESTROYING, I.FAILED},
+    I.DESTROYING: {I.DESTROYED, I.FAILED},
+    I.FAILED: {I.DESTROYING, I.DESTROYED},
+    I.DESTROYED: set(),
+}
+
+
+def make_job(user, status=S.QUEUED):
+    return VideoJob.objects.create(
+        owner=user, input_image="inputs/x.png", prompt="p", workflow_slug="smoke",
+        width=64, height=64, frames=17, fps=8, status=status,
+    )
+
+
+@pytest.mark.parametrize("frm", list(S))
+@pytest.mark.parametrize("to", list(S))
+def test_job_transition_allowed_or_refused(user, frm, to):
+    job = make_job(user, frm)
+    if to in JOB_ALLOWED[frm]:
+        assert job.transition(to) is True
+        job.refresh_from_db()
+        assert job.status == to
+        stamp = VideoJob.STAMPS[to]
+        assert getattr(job, stamp) is not None
+    else:
+        with pytest.raises(IllegalTransition):
+            job.transition(to)
+        job.refresh_from_db()
+        assert job.status == frm
+
+
+@pytest.mark.parametrize("frm", list(I))
+@pytest.mark.parametrize("to", list(I))
+def test_instance_transition_allowed_or_refused(db, frm, to):
+    inst = VastInstance.objects.create(state=frm)
+    if to in INSTANCE_ALLOWED[frm]:
+        assert inst.transition(to) is True
+        inst.refresh_from_db()
+        assert inst.state == to
+    else:
+        with pytest.raises(IllegalTransition):
+            inst.transition(to)
+        inst.refresh_from_db()
+        assert inst.state == frm
+
+
+def test_job_transition_from_stale_state_loses(user):
+    job = make_job(user)
+    stale = VideoJob.objects.get(pk=job.pk)
+    assert job.transition(S.CANCELLED)
+    # The stale copy still believes the job is queued: its move must not apply.
+    assert stale.transition(S.SUBMITTED, prompt_id="abc") is False
+    job.refresh_from_db()
+    assert job.status == S.CANCELLED
+    assert job.prompt_id == ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_transitions_exactly_one_wins(django_user_model):
+    owner = django_user_model.objects.create_user("race")
+    job = make_job(owner, S.RUNNING)
+    barrier = threading.Barrier(2)
+    results = {}
+
+    def attempt(name, to):
+        copy = VideoJob.objects.get(pk=job.pk)
+        barrier.wait()
+        try:
+            results[name] = copy.transition(to)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=attempt, args=("cancel", S.CANCELLED)),
+        threading.Thread(target=attempt, args=("upload", S.UPLOADING)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [False, True]
+    job.refresh_from_db()
+    winner = "cancel" if results["cancel"] else "upload"
+    assert job.status == (S.CANCELLED if winner == "cancel" else S.UPLOADING)
