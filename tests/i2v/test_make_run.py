@@ -1,0 +1,69 @@
+"""`make run`'s steps on a fresh data dir: first-start credentials, gunicorn + qcluster, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until_serving(url, proc, deadline=60):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"runall exited early with {proc.returncode}")
+        try:
+            return httpx.get(url, timeout=1)
+        except httpx.HTTPError:
+            time.sleep(0.2)  # polling for the server to come up, not timing a result
+    raise AssertionError("server did not come up")
+
+
+@pytest.mark.slow_start
+def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
+    port = free_port()
+    env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": str(tmp_path), "PORT": str(port),
+                "HOST": "127.0.0.1", "I2V_Q_NAME": f"i2v-run-{port}"})
+    py = sys.executable
+    for step in (["migrate", "--noinput"], ["collectstatic", "--noinput", "-v", "0"]):
+        subprocess.run([py, "manage.py", *step], cwd=ROOT, env=env, check=True, capture_output=True)
+    first = subprocess.run([py, "manage.py", "bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert "admin password:" in first.stdout
+    token = first.stdout.split("API token:")[1].split()[0]
+    again = subprocess.run([py, "manage.py", "bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert again.stdout.strip() == "", "credentials are printed once, on the first start only"
+
+    proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(f"{base}/api/ping", proc)
+        home = httpx.get(f"{base}/")
+        assert home.status_code == 302 and home.headers["location"].startswith("/accounts/login/")
+        assert httpx.get(f"{base}/admin/").status_code == 302
+        docs = httpx.get(f"{base}/api/docs")
+        assert docs.status_code == 200 and "i2v API" in httpx.get(f"{base}/api/openapi.json").text
+        assert httpx.get(f"{base}/static/css/i2v.css").status_code == 200
+        assert httpx.get(f"{base}/api/gpu/config").status_code == 401
+        ok = httpx.get(f"{base}/api/gpu/config", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200 and ok.json()["gpu_provider"] == "none"
+        # The worker is up too: its cluster announces itself in the output.
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "Booting worker" in out or "Listening at" in out
+    assert "Q Cluster" in out or "qcluster" in out.lower()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/api/ping", timeout=2)
