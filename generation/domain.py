@@ -1,8 +1,18 @@
-"""Generation business logic: creating, running and finishing VideoJobs."""
+"""Generation business logic: creating, cancelling and describing VideoJobs."""
+
+import logging
+import uuid
 
 from django.conf import settings
+from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
 from django.urls import reverse
+
+from generation.inputs import InputError, check_image, fetch_image
+from generation.models import VideoJob, Workflow
+
+log = logging.getLogger(__name__)
 
 
 def video_url(job) -> str:
@@ -12,6 +22,129 @@ def video_url(job) -> str:
     if settings.R2_BUCKET:
         return default_storage.url(job.video.name)
     return reverse("generation:job_video", args=[job.id])
+
+
+def job_json(job: VideoJob) -> dict:
+    return {
+        "id": str(job.id),
+        "status": job.status,
+        "progress": round(job.progress, 4),
+        "step": job.step,
+        "steps": job.steps_total,
+        "current_node": job.current_node or None,
+        "queue_position": job.queue_position,
+        "backend": job.backend,
+        "workflow": job.workflow_slug,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "width": job.width,
+        "height": job.height,
+        "frames": job.frames,
+        "fps": job.fps,
+        "seed": job.seed,
+        "error": job.error or None,
+        "video_url": video_url(job) or None,
+        "video_size": job.video_size,
+        "prompt_id": job.prompt_id or None,
+        "request_id": job.request_id or None,
+        "instance_id": str(job.instance_id) if job.instance_id else None,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "cost_usd": float(job.cost_usd) if job.cost_usd is not None else None,
+    }
+
+
+def enqueue_run(job_id):
+    """Hand a job to the worker after the current transaction commits."""
+    from django_q.tasks import async_task
+
+    transaction.on_commit(lambda: async_task("generation.tasks.run_job", str(job_id), group="jobs"))
+
+
+def resolve_workflow(slug: str) -> Workflow:
+    from gpu.models import GpuConfig
+
+    slug = slug or GpuConfig.get().default_workflow or "wan22-i2v"
+    wf = Workflow.objects.filter(slug=slug, is_active=True).first()
+    if wf is None:
+        known = ", ".join(Workflow.objects.filter(is_active=True).values_list("slug", flat=True))
+        raise InputError("workflow", f"unknown workflow {slug!r}; available: {known}")
+    return wf
+
+
+def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tuple[VideoJob, bool]:
+    """Validate, store the image, create a queued VideoJob and enqueue its task.
+
+    Returns (job, created). With an idempotency key already used by this owner, the
+    existing job comes back and nothing new is stored or enqueued.
+    """
+    if idempotency_key:
+        existing = VideoJob.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        if existing:
+            return existing, False
+    if image_bytes is None and not params.image_url:
+        raise InputError("image", "send an image file (multipart field 'image') or an image_url")
+    if image_bytes is not None and params.image_url:
+        raise InputError("image_url", "send either an image file or an image_url, not both")
+    if params.backend == "fal":
+        raise InputError("backend", "the fal.ai backend is not available on this server yet; use backend 'comfyui'")
+    workflow = resolve_workflow(params.workflow)
+    field = "image"
+    if image_bytes is None:
+        image_bytes, field = fetch_image(params.image_url), "image_url"
+    ext, _, _ = check_image(image_bytes, field=field)
+    defaults = workflow.defaults or {}
+    job_id = uuid.uuid4()
+    job = VideoJob(
+        id=job_id,
+        owner=owner,
+        image_url=params.image_url or "",
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        backend=params.backend,
+        workflow=workflow,
+        workflow_slug=workflow.slug,
+        width=params.width or defaults.get("width", 832),
+        height=params.height or defaults.get("height", 480),
+        frames=params.frames or defaults.get("frames", 81),
+        fps=params.fps or defaults.get("fps", 16),
+        seed=params.seed,
+        steps=params.steps or defaults.get("steps"),
+        idempotency_key=idempotency_key or None,
+        webhook_url=params.webhook_url or "",
+    )
+    name = default_storage.save(f"inputs/{job_id}.{ext}", ContentFile(image_bytes))
+    job.input_image.name = name
+    try:
+        with transaction.atomic():
+            job.save(force_insert=True)
+            enqueue_run(job.id)
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race.
+        default_storage.delete(name)
+        existing = VideoJob.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def cancel_job(job: VideoJob) -> VideoJob:
+    """Cancel a job: a queued one at once; a submitted one is removed from ComfyUI's queue
+    or interrupted, and ends `cancelled` when ComfyUI confirms (or at once if it is unreachable)."""
+    VideoJob.objects.filter(pk=job.pk).update(cancel_requested=True)
+    job.refresh_from_db()
+    if job.is_terminal:
+        return job
+    if job.status in (VideoJob.Status.QUEUED, VideoJob.Status.PROVISIONING) and not job.prompt_id:
+        job.transition(VideoJob.Status.CANCELLED, error="Cancelled by the user.")
+    else:
+        from generation.runner import cancel_on_comfyui
+
+        cancel_on_comfyui(job)
+    job.refresh_from_db()
+    return job
 
 
 def sync_shipped_workflows(Workflow, ModelFile) -> list[str]:

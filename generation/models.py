@@ -109,6 +109,7 @@ class VideoJob(models.Model):
     step = models.PositiveIntegerField(default=0)
     steps_total = models.PositiveIntegerField(default=0)
     current_node = models.CharField(max_length=100, blank=True)
+    node_progress = models.JSONField(default=dict, blank=True, help_text="Latest [value, max] per ComfyUI node")
     queue_position = models.IntegerField(null=True, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)

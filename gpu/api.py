@@ -83,3 +83,57 @@ def post_config(request, payload: ConfigIn):
             raise HttpError(422, f"vastai_instance_id: no known vast.ai instance {changes['vastai_instance_id']}.")
     config = domain.update_config(changes, user=request.auth, source="api")
     return config_out(config)
+
+
+class TestConnectionIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    token: Optional[str] = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value):
+        return validate_service_url(value)
+
+
+class TestConnectionOut(Schema):
+    url: str
+    reachable: bool
+    api_type: Optional[Literal["comfyui", "swarmui"]]
+    details: dict
+
+
+@router.post("/gpu/test-connection", response=TestConnectionOut, summary="Detect what answers at a URL")
+def test_connection(request, payload: TestConnectionIn):
+    from gpu.probe import probe
+
+    config = GpuConfig.get()
+    # The configured token goes only to the configured URL; another URL gets only the token sent with it.
+    token = payload.token if payload.token is not None else (
+        config.comfyui_token if payload.url in (config.comfyui_url, config.swarmui_url) else ""
+    )
+    result = probe(payload.url, token=token)
+    details = dict(result["details"])
+    details["message"] = result["message"]
+    details["status"] = result["status"]
+    return {"url": result["url"], "reachable": result["reachable"], "api_type": result["api_type"], "details": details}
+
+
+class HealthOut(Schema):
+    provider: str
+    comfyui_status: str
+    comfyui_url: Optional[str]
+    swarmui_status: str
+    swarmui_url: Optional[str]
+    models_available: list[str]
+    models_missing: list[str]
+    workflow: Optional[str]
+    details: dict
+
+
+@router.get("/gpu/health", response=HealthOut, summary="Health of the configured GPU servers")
+def health(request):
+    from gpu.health import health_report
+
+    return health_report(GpuConfig.get())

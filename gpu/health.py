@@ -1,4 +1,4 @@
-"""Live availability of the configured GPU servers, cached for a few seconds."""
+"""Live availability and health of the configured GPU servers (cached a few seconds)."""
 
 from django.core.cache import cache
 
@@ -15,6 +15,74 @@ def availability(url: str, api_type: str, token: str = "") -> bool:
     from gpu.probe import probe
 
     result = probe(url, token=token, timeout=3.0)
-    ok = bool(result["reachable"] and result["api_type"] == api_type and result.get("ready", True))
+    ok = bool(result["reachable"] and result["api_type"] == api_type and result["ready"])
     cache.set(key, ok, AVAILABILITY_TTL)
     return ok
+
+
+def _status(result) -> str:
+    if result["ready"]:
+        return "available (API ready)"
+    if result["status"] in ("not ready", "authentication failed"):
+        return result["status"]
+    return f"unavailable: {result['message']}"
+
+
+def model_check(url, token, workflow_slug) -> tuple[list[str], list[str]]:
+    """(present, missing) model files of the workflow on the ComfyUI at `url`."""
+    from generation.models import Workflow
+    from generation.workflow_schema import MODEL_INPUTS
+    from gpu.comfyui import ComfyUIClient, ComfyUIError
+
+    wf = Workflow.objects.filter(slug=workflow_slug).first()
+    if wf is None:
+        return [], []
+    wanted = []
+    for node in wf.graph.values():
+        for (cls, inp), folder in MODEL_INPUTS.items():
+            if node.get("class_type") == cls and isinstance(node.get("inputs", {}).get(inp), str):
+                wanted.append((folder, node["inputs"][inp]))
+    present, missing, listings = [], [], {}
+    client = ComfyUIClient(url, token=token or None, connect_timeout=3.0, read_timeout=5.0, retries=0)
+    try:
+        for folder, filename in wanted:
+            if folder not in listings:
+                try:
+                    listings[folder] = client.models(folder) or []
+                except ComfyUIError:
+                    listings[folder] = []
+            (present if filename in listings[folder] else missing).append(f"{folder}/{filename}")
+    finally:
+        client.close()
+    return present, missing
+
+
+def health_report(config) -> dict:
+    from gpu.probe import gpu_label, probe
+
+    report = {
+        "provider": config.gpu_provider,
+        "comfyui_status": "not configured",
+        "comfyui_url": config.comfyui_url or None,
+        "swarmui_status": "not configured",
+        "swarmui_url": config.swarmui_url or None,
+        "models_available": [],
+        "models_missing": [],
+        "workflow": config.default_workflow or None,
+        "details": {},
+    }
+    if config.comfyui_url:
+        result = probe(config.comfyui_url, token=config.comfyui_token)
+        report["comfyui_status"] = _status(result)
+        report["details"]["comfyui"] = result["details"]
+        for dev in result["details"].get("devices", []):
+            report["models_available"].append(f"GPU: {gpu_label(dev['name'])}")
+        if result["ready"]:
+            present, missing = model_check(config.comfyui_url, config.comfyui_token, config.default_workflow)
+            report["models_available"] += present
+            report["models_missing"] = missing
+    if config.swarmui_url:
+        result = probe(config.swarmui_url, token=config.comfyui_token)
+        report["swarmui_status"] = _status(result)
+        report["details"]["swarmui"] = result["details"]
+    return report

@@ -1,0 +1,436 @@
+"""Running a VideoJob on ComfyUI: submit once, follow, store the video.
+
+The work is split into slices (`advance`): each slice does what it can within a
+deadline and returns; the task re-enqueues the job until it is terminal. Every
+step is keyed by what is stored on the job, so a slice that dies anywhere is
+resumed by the next one without a second `POST /prompt`:
+
+- the `prompt_id` is stored before it is posted; a retry that finds it asks
+  ComfyUI (queue, history) whether it was received before posting it;
+- a run that ComfyUI lost (it restarted) is resubmitted once, then the job fails.
+"""
+
+import io
+import logging
+import random
+import time
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from generation.models import VideoJob
+from generation.workflow_schema import fill
+from gpu.comfyui import ComfyUIClient, ComfyUIError, find_outputs, run_outcome
+
+log = logging.getLogger(__name__)
+S = VideoJob.Status
+
+TROUBLESHOOTING = (
+    "Check that ComfyUI is running and reachable at the configured URL (Test connection in the admin "
+    "or POST /api/gpu/test-connection); a vast.ai tunnel URL changes when the instance restarts."
+)
+MAX_SUBMITS = 2  # the first submission, plus one resubmission if ComfyUI lost the run
+POLL_EVERY = 2.0  # seconds between /history checks while the websocket is quiet
+UNREACHABLE_GRACE = 120  # seconds ComfyUI may stay unreachable before the job fails
+
+
+class JobFailed(Exception):
+    pass
+
+
+def target_for(job):
+    """(base_url, token, instance) where this job runs, or raises JobFailed."""
+    from gpu.models import GpuConfig
+
+    if job.comfyui_url:
+        config = GpuConfig.get()
+        return job.comfyui_url, config.comfyui_token, job.instance
+    config = GpuConfig.get()
+    if config.comfyui_url:
+        return config.comfyui_url, config.comfyui_token, None
+    raise JobFailed(
+        "No GPU is configured: set a ComfyUI URL (admin → GPU configuration, or POST /api/gpu/config) "
+        "or rent a vast.ai instance."
+    )
+
+
+def client_for(job) -> ComfyUIClient:
+    url, token, _ = target_for(job)
+    return ComfyUIClient(url, token=token or None, connect_timeout=5.0, read_timeout=30.0)
+
+
+def _expected_steps(graph) -> int:
+    """Sampler steps the graph will report through `progress`, or 0 when it has no sampler."""
+    total = 0
+    for node in graph.values():
+        inputs = node.get("inputs", {})
+        if node.get("class_type") == "KSamplerAdvanced":
+            steps = int(inputs.get("steps", 0))
+            end = min(int(inputs.get("end_at_step", steps)), steps)
+            total += max(0, end - int(inputs.get("start_at_step", 0)))
+        elif node.get("class_type") in ("KSampler", "SamplerCustom", "SamplerCustomAdvanced"):
+            total += int(inputs.get("steps", 0))
+    return total
+
+
+def build_graph(job, image_name: str) -> dict:
+    workflow = job.workflow
+    if workflow is None:
+        raise JobFailed(f"The workflow {job.workflow_slug!r} no longer exists.")
+    params = {
+        "image": image_name,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt or None,
+        "seed": job.seed,
+        "width": job.width,
+        "height": job.height,
+        "frames": job.frames,
+        "fps": job.fps,
+        "steps": job.steps,
+        # A per-job prefix: ComfyUI's cache can never hand back an older job's file.
+        "filename_prefix": f"i2v/{job.id}",
+    }
+    return fill(workflow.graph, workflow.bindings, params)
+
+
+def _fail(job, message):
+    job.refresh_from_db()
+    if not job.is_terminal:
+        job.transition(S.FAILED, error=message[:4000])
+        finish_accounting(job)
+
+
+def advance(job_id, deadline: float) -> bool:
+    """Move the job forward until `deadline` (monotonic). Returns True once it is terminal."""
+    job = VideoJob.objects.select_related("workflow", "instance").filter(pk=job_id).first()
+    if job is None or job.is_terminal:
+        return True
+    if job.backend != VideoJob.Backend.COMFYUI:
+        _fail(job, f"Backend {job.backend} is not available on this server.")
+        return True
+    try:
+        if job.status in (S.QUEUED, S.PROVISIONING):
+            submit(job)
+        if job.status in (S.SUBMITTED, S.RUNNING):
+            follow(job, deadline)
+        if job.status == S.UPLOADING:
+            store_output(job)
+    except JobFailed as exc:
+        _fail(job, str(exc))
+    except ComfyUIError as exc:
+        if exc.kind in ("unreachable", "timeout", "not_ready") and _within_grace(job):
+            log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)
+            return False
+        _fail(job, f"{exc}" + (f" {TROUBLESHOOTING}" if exc.kind in ("unreachable", "timeout") else ""))
+    job.refresh_from_db()
+    return job.is_terminal
+
+
+def _within_grace(job) -> bool:
+    """Whether an unreachable ComfyUI is still worth retrying for this job."""
+    since = job.status_changed_at or job.created_at
+    return (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE
+
+
+def submit(job):
+    """Upload the image and POST the prompt, exactly once per run (see module docstring)."""
+    if job.cancel_requested:
+        job.transition(S.CANCELLED, error="Cancelled by the user.")
+        return
+    url, _, instance = target_for(job)
+    if not job.prompt_id:
+        # Record the ids first: a crash after the POST finds them and does not post again.
+        prompt_id, client_id = str(uuid.uuid4()), uuid.uuid4().hex
+        seed = job.seed if job.seed is not None else random.randrange(0, 2**53)
+        claimed = VideoJob.objects.filter(pk=job.pk, prompt_id="").update(
+            prompt_id=prompt_id, client_id=client_id, comfyui_url=url, seed=seed,
+            instance=instance, submit_count=1,
+        )
+        job.refresh_from_db()
+        if not claimed:
+            return submit(job) if not job.is_terminal else None
+        already_posted = False
+    else:
+        already_posted = True
+    client = client_for(job)
+    try:
+        if already_posted and _known_to_comfyui(client, job.prompt_id):
+            job.transition(S.SUBMITTED)
+            return
+        _post(client, job)
+    finally:
+        client.close()
+
+
+def _known_to_comfyui(client, prompt_id) -> bool:
+    running, pending = client.queue()
+    if prompt_id in running or prompt_id in pending:
+        return True
+    return client.history(prompt_id) is not None
+
+
+def _post(client, job):
+    with default_storage.open(job.input_image.name, "rb") as fh:
+        data = fh.read()
+    ext = job.input_image.name.rsplit(".", 1)[-1]
+    image_name = client.upload_image(data, f"{job.id}.{ext}", subfolder="i2v", overwrite=True)
+    graph = build_graph(job, image_name)
+    steps_total = _expected_steps(graph) or len(graph)
+    try:
+        client.submit(graph, prompt_id=job.prompt_id, client_id=job.client_id,
+                      output_node=job.workflow.output_node, extra_data={"i2v_job": str(job.id)})
+    except ComfyUIError as exc:
+        if exc.kind == "validation":
+            raise JobFailed(f"ComfyUI refused the workflow: {exc}")
+        raise
+    if job.status in (S.QUEUED, S.PROVISIONING):
+        job.transition(S.SUBMITTED, steps_total=steps_total, step=0, progress=0.0)
+
+
+def resubmit_or_fail(job, client):
+    """ComfyUI has no trace of the run (it restarted): submit it once more, then give up."""
+    if job.submit_count >= MAX_SUBMITS:
+        raise JobFailed("ComfyUI lost this job twice (did it restart?); giving up. Try again.")
+    log.warning("job %s: ComfyUI lost prompt %s; resubmitting once", job.id, job.prompt_id)
+    VideoJob.objects.filter(pk=job.pk, submit_count=job.submit_count).update(
+        submit_count=job.submit_count + 1, step=0, progress=0.0, node_progress={}
+    )
+    job.refresh_from_db()
+    _post(client, job)
+
+
+class Progress:
+    """Rolls per-node `progress` events up into the job's step/steps and saves them."""
+
+    def __init__(self, job):
+        self.job = job
+        self.nodes = dict(job.node_progress or {})
+
+    def on_progress(self, node, value, maximum):
+        self.nodes[str(node)] = [int(value), int(maximum)]
+        self._save()
+
+    def on_executing(self, node):
+        if self.job.steps_total and not _expected_steps_known(self.job):
+            # No sampler in the graph: a step per node.
+            self.nodes[f"node:{node}"] = [1, 1]
+        self._save(current_node=str(node))
+
+    def _save(self, **extra):
+        job = self.job
+        step = sum(v for v, _ in self.nodes.values())
+        total = max(job.steps_total, sum(m for _, m in self.nodes.values()))
+        fields = {"node_progress": self.nodes, "step": min(step, total), "steps_total": total,
+                  "progress": round(min(step, total) / total, 4) if total else 0.0, **extra}
+        if job.status == S.SUBMITTED:
+            job.transition(S.RUNNING, **fields)
+        else:
+            VideoJob.objects.filter(pk=job.pk, status=job.status).update(**fields)
+            for key, value in fields.items():
+                setattr(job, key, value)
+
+
+def _expected_steps_known(job) -> bool:
+    return any(not key.startswith("node:") for key in (job.node_progress or {})) or (
+        job.workflow is not None and _expected_steps(job.workflow.graph) > 0
+    )
+
+
+def follow(job, deadline):
+    """Follow the run on the websocket (falling back to polling) until it ends or `deadline`."""
+    client = client_for(job)
+    progress = Progress(job)
+    try:
+        events = None
+        try:
+            events_cm = client.events(job.client_id)
+            events = events_cm.__enter__()
+        except ComfyUIError as exc:
+            log.info("job %s: websocket unavailable (%s); polling", job.id, exc)
+            events_cm = None
+        try:
+            item = _check_history(client, job)
+            last_poll = time.monotonic()
+            while item is None:
+                if time.monotonic() >= deadline:
+                    return
+                if _timed_out(job):
+                    client.cancel(job.prompt_id)
+                    raise JobFailed(f"The job took longer than {settings.I2V_JOB_TIMEOUT} s and was stopped.")
+                ended = False
+                if events is not None:
+                    try:
+                        ev = events.next(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                    except ComfyUIError:
+                        events = None  # socket dropped: poll instead
+                        ev = None
+                    if ev is not None:
+                        ended = _on_event(job, progress, ev)
+                else:
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                if ended or time.monotonic() - last_poll >= POLL_EVERY:
+                    last_poll = time.monotonic()
+                    item = _check_history(client, job)
+        finally:
+            if events_cm is not None:
+                events_cm.__exit__(None, None, None)
+        _conclude(job, item)
+    finally:
+        client.close()
+
+
+def _timed_out(job) -> bool:
+    start = job.submitted_at or job.created_at
+    return (timezone.now() - start).total_seconds() > settings.I2V_JOB_TIMEOUT
+
+
+def _on_event(job, progress, ev) -> bool:
+    """Apply one websocket event; True when it says the run ended."""
+    data = ev.get("data") or {}
+    kind = ev.get("type")
+    if data.get("prompt_id") not in (None, job.prompt_id):
+        return False
+    if kind == "progress" and data.get("prompt_id") == job.prompt_id:
+        progress.on_progress(data.get("node"), data.get("value", 0), data.get("max", 0))
+    elif kind == "executing" and data.get("prompt_id") == job.prompt_id:
+        if data.get("node") is None:
+            return True
+        progress.on_executing(data["node"])
+    elif kind == "execution_start" and data.get("prompt_id") == job.prompt_id and job.status == S.SUBMITTED:
+        job.transition(S.RUNNING)
+    elif kind in ("execution_error", "execution_interrupted") and data.get("prompt_id") == job.prompt_id:
+        return True
+    return False
+
+
+def _check_history(client, job):
+    """The history entry once the run ended; None while it runs. Handles a run ComfyUI lost."""
+    item = client.history(job.prompt_id)
+    if item is not None:
+        return item
+    running, pending = client.queue()
+    if job.prompt_id in running or job.prompt_id in pending:
+        if job.prompt_id in pending:
+            position = pending.index(job.prompt_id) + len(running)
+            if job.queue_position != position:
+                VideoJob.objects.filter(pk=job.pk).update(queue_position=position)
+                job.queue_position = position
+        return None
+    # Neither queued, running nor in history. Check history once more: the run may have
+    # finished between the two calls.
+    item = client.history(job.prompt_id)
+    if item is not None:
+        return item
+    job.refresh_from_db()
+    if job.cancel_requested:
+        job.transition(S.CANCELLED, error="Cancelled by the user.")
+        return {"_cancelled": True}
+    resubmit_or_fail(job, client)
+    return None
+
+
+def _conclude(job, item):
+    if item.get("_cancelled"):
+        return
+    outcome, message = run_outcome(item)
+    job.refresh_from_db()
+    if job.is_terminal:
+        return
+    if outcome == "interrupted":
+        job.transition(S.CANCELLED, error="Cancelled: the run was interrupted on ComfyUI.")
+        finish_accounting(job)
+        return
+    if outcome != "success":
+        raise JobFailed(f"ComfyUI failed while running the workflow: {message}")
+    outputs = find_outputs(item, job.workflow.output_node if job.workflow else None)
+    if not outputs:
+        raise JobFailed("ComfyUI finished but produced no video output. Check the workflow's SaveVideo node.")
+    out = outputs[0]
+    job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99))
+
+
+def store_output(job):
+    """Stream the output from ComfyUI's /view into the default storage, then complete the job."""
+    out = (job.provider_urls or {}).get("output")
+    if not out:
+        raise JobFailed("The output file of this job is unknown.")
+    client = client_for(job)
+    ext = out["filename"].rsplit(".", 1)[-1].lower() if "." in out["filename"] else "mp4"
+    try:
+        with client.open_view(out["filename"], out.get("subfolder", ""), out.get("type", "output")) as resp:
+            stream = ResponseStream(resp)
+            name = default_storage.save(f"videos/{job.id}.{ext}", File(stream, name=f"{job.id}.{ext}"))
+    finally:
+        client.close()
+    job.refresh_from_db()
+    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read):
+        default_storage.delete(name)  # cancelled meanwhile: keep no orphan
+        return
+    finish_accounting(job)
+
+
+class ResponseStream(io.RawIOBase):
+    """A read-only file over a streaming httpx response: bytes flow to storage in chunks."""
+
+    def __init__(self, response, chunk_size=1024 * 1024):
+        self._iter = response.iter_bytes(chunk_size)
+        self._buf = b""
+        self.bytes_read = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def readinto(self, b):
+        while not self._buf:
+            try:
+                self._buf = next(self._iter)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self.bytes_read += n
+        return n
+
+
+def finish_accounting(job):
+    """The job's GPU cost: its seconds on the instance × the instance's $/hour."""
+    job.refresh_from_db()
+    if job.instance_id and job.instance and job.submitted_at:
+        seconds = ((job.finished_at or timezone.now()) - job.submitted_at).total_seconds()
+        cost = (job.instance.dph_total * Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.0001"))
+        VideoJob.objects.filter(pk=job.pk).update(cost_usd=cost)
+    elif job.backend == VideoJob.Backend.COMFYUI and job.cost_usd is None:
+        # Your own GPU: i2v pays nothing per clip.
+        VideoJob.objects.filter(pk=job.pk).update(cost_usd=Decimal("0"))
+    from generation.webhooks import enqueue_webhook
+
+    enqueue_webhook(job)
+
+
+def cancel_on_comfyui(job):
+    """Remove the prompt from ComfyUI's queue or interrupt it; cancel at once if it was pending
+    or ComfyUI can't be reached (the follower confirms a running one)."""
+    try:
+        client = client_for(job)
+    except JobFailed:
+        job.transition(S.CANCELLED, error="Cancelled by the user.")
+        return
+    try:
+        running, pending = client.queue()
+        client.cancel(job.prompt_id)
+        if job.prompt_id not in running:
+            job.transition(S.CANCELLED, error="Cancelled by the user.")
+            finish_accounting(job)
+    except ComfyUIError:
+        job.transition(S.CANCELLED, error="Cancelled by the user (ComfyUI could not be reached to stop it).")
+        finish_accounting(job)
+    finally:
+        client.close()

@@ -1,0 +1,212 @@
+import io
+
+import pytest
+from django.core.files.storage import default_storage
+from PIL import Image
+
+from generation.models import VideoJob
+from tests.helpers import StaticServer, png_bytes
+
+
+@pytest.fixture
+def enqueued(monkeypatch):
+    calls = []
+    monkeypatch.setattr("django_q.tasks.async_task", lambda func, *args, **kw: calls.append((func, args)))
+    return calls
+
+
+def post_image(api, data=None, image=None, headers=None, filename="in.png"):
+    fields = {"prompt": "a dragon turns its head", "workflow": "smoke", **(data or {})}
+    if image is not None:
+        fields["image"] = io.BytesIO(image)
+        fields["image"].name = filename
+    return api.post("/api/generate-video", data=fields, headers=headers, json=False)
+
+
+def test_generate_multipart_creates_queued_job_and_one_task(api, user, enqueued, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        resp = post_image(api, {"width": "64", "height": "64", "frames": "17", "fps": "8", "seed": "7"}, png_bytes())
+    assert resp.status_code == 202, resp.content
+    body = resp.json()
+    assert body["status"] == "queued" and body["backend"] == "comfyui" and body["workflow"] == "smoke"
+    assert (body["width"], body["height"], body["frames"], body["fps"], body["seed"]) == (64, 64, 17, 8, 7)
+    job = VideoJob.objects.get(pk=body["id"])
+    assert job.owner == user
+    assert default_storage.open(job.input_image.name).read() == png_bytes()
+    assert enqueued == [("generation.tasks.run_job", (body["id"],))]
+
+
+def test_generate_uses_workflow_defaults(api, enqueued):
+    resp = post_image(api, {"workflow": "wan22-i2v"}, png_bytes())
+    assert resp.status_code == 202
+    body = resp.json()
+    assert (body["width"], body["height"], body["frames"], body["fps"]) == (832, 480, 81, 16)
+
+
+def test_seed_endpoint_vastai_generate_video_works_too(api, enqueued):
+    resp = api.post("/api/vastai/generate-video", data={"prompt": "x", "workflow": "smoke",
+                    "image": io.BytesIO(png_bytes())}, json=False)
+    assert resp.status_code == 202
+    assert resp.json()["backend"] == "comfyui"
+
+
+def test_generate_json_with_image_url(api, enqueued):
+    with StaticServer({"/cat.jpg": (200, {"Content-Type": "image/jpeg"}, png_bytes(fmt="JPEG"))}) as srv:
+        resp = api.post("/api/generate-video", {"prompt": "cat", "workflow": "smoke", "image_url": f"{srv.url}/cat.jpg"})
+    assert resp.status_code == 202, resp.content
+    job = VideoJob.objects.get(pk=resp.json()["id"])
+    assert job.input_image.name.endswith(".jpg")
+    assert job.image_url.endswith("/cat.jpg")
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("file:///etc/passwd", "http"),
+    ("gopher://127.0.0.1/x", "http"),
+])
+def test_generate_refuses_unsafe_image_urls(api, enqueued, url, words):
+    resp = api.post("/api/generate-video", {"prompt": "x", "workflow": "smoke", "image_url": url})
+    assert resp.status_code == 422
+    assert "image_url" in resp.json()["detail"] and words in resp.json()["detail"]
+    assert VideoJob.objects.count() == 0 and enqueued == []
+
+
+def test_generate_refuses_redirect_to_metadata(api, enqueued):
+    with StaticServer({"/r": (302, {"Location": "http://169.254.169.254/latest/"}, b"")}) as srv:
+        resp = api.post("/api/generate-video", {"prompt": "x", "workflow": "smoke", "image_url": f"{srv.url}/r"})
+    assert resp.status_code == 422
+    assert "link-local" in resp.json()["detail"]
+    assert VideoJob.objects.count() == 0
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("width", "100", "multiple of 16"),
+    ("width", "1296", "less than or equal to 1280"),
+    ("height", "0", "greater than or equal to 16"),
+    ("frames", "80", "4n+1"),
+    ("frames", "165", "less than or equal to 161"),
+    ("frames", "13", "greater than or equal to 17"),
+    ("fps", "0", "greater than or equal to 1"),
+    ("fps", "61", "less than or equal to 60"),
+    ("seed", "-1", "greater than or equal to 0"),
+    ("seed", str(2**63), "less than or equal to"),
+    ("prompt", "", "at least 1 character"),
+    ("prompt", "x" * 2001, "at most 2000 characters"),
+    ("prompt", "a\x00b", "NUL"),
+    ("width", "abc", "valid integer"),
+    ("backend", "gpu", "comfyui"),
+    ("colour", "red", "unknown field"),
+    ("workflow", "nope", "unknown workflow"),
+])
+def test_generate_bad_field_is_422_naming_it(api, enqueued, field, value, words):
+    resp = post_image(api, {field: value}, png_bytes())
+    assert resp.status_code == 422, resp.content
+    detail = resp.json()["detail"]
+    assert detail.startswith(field) and words in detail, detail
+    assert VideoJob.objects.count() == 0 and enqueued == []
+
+
+def _bomb():
+    # A PNG whose header claims 30000×30000: refused before any pixel is decoded.
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+
+def _gif():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("image, words", [
+    (b"", "empty"),
+    (b"this is not an image at all", "not a readable"),
+    (png_bytes()[:60], "not a readable"),
+    (_bomb(), "limit is 4096"),
+    (png_bytes(4100, 8), "limit is 4096"),
+    (_gif(), "not supported"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>", "not a readable"),
+])
+def test_generate_bad_image_is_422(api, enqueued, image, words):
+    resp = post_image(api, {}, image)
+    assert resp.status_code == 422, resp.content
+    assert resp.json()["detail"].startswith("image") and words in resp.json()["detail"]
+    assert VideoJob.objects.count() == 0
+
+
+def test_generate_without_image_is_422(api, enqueued):
+    resp = api.post("/api/generate-video", {"prompt": "x"})
+    assert resp.status_code == 422 and "image" in resp.json()["detail"]
+
+
+def test_generate_garbage_json_is_400(api):
+    resp = api.client.post("/api/generate-video", data="{nope", content_type="application/json",
+                           headers={"Authorization": f"Bearer {api.key}"})
+    assert resp.status_code == 400 and "JSON" in resp.json()["detail"]
+
+
+def test_generate_requires_auth(db, anon_api, enqueued):
+    resp = post_image(anon_api, {}, png_bytes())
+    assert resp.status_code == 401
+    assert VideoJob.objects.count() == 0
+
+
+def test_idempotency_key_returns_the_same_job(api, enqueued, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        first = post_image(api, {}, png_bytes(), headers={"Idempotency-Key": "abc-1"})
+        second = post_image(api, {}, png_bytes(), headers={"Idempotency-Key": "abc-1"})
+    assert first.status_code == 202 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    assert VideoJob.objects.count() == 1 and len(enqueued) == 1
+
+
+def test_idempotency_key_is_per_user(api, client, other_token, enqueued):
+    from tests.conftest import Api
+
+    a = post_image(api, {}, png_bytes(), headers={"Idempotency-Key": "same"})
+    b = post_image(Api(client, other_token), {}, png_bytes(), headers={"Idempotency-Key": "same"})
+    assert a.json()["id"] != b.json()["id"]
+    assert VideoJob.objects.count() == 2
+
+
+def test_jobs_list_is_own_newest_first_paginated_and_filtered(api, client, other_token, enqueued):
+    from tests.conftest import Api
+
+    ids = [post_image(api, {"prompt": f"p{i}"}, png_bytes()).json()["id"] for i in range(3)]
+    post_image(Api(client, other_token), {}, png_bytes())
+    VideoJob.objects.filter(pk=ids[0]).update(status="failed")
+    page = api.get("/api/jobs?limit=2").json()
+    assert page["count"] == 3 and [j["id"] for j in page["items"]] == [ids[2], ids[1]]
+    rest = api.get("/api/jobs?limit=2&offset=2").json()
+    assert [j["id"] for j in rest["items"]] == [ids[0]]
+    failed = api.get("/api/jobs?status=failed").json()
+    assert [j["id"] for j in failed["items"]] == [ids[0]]
+    assert api.get("/api/jobs?status=bogus").status_code == 422
+    assert api.get("/api/jobs?limit=1000").status_code == 422
+
+
+def test_other_users_job_is_404(api, client, other_token, enqueued):
+    from tests.conftest import Api
+
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    other = Api(client, other_token)
+    assert other.get(f"/api/jobs/{job_id}").status_code == 404
+    assert other.post(f"/api/jobs/{job_id}/cancel").status_code == 404
+    assert other.get(f"/jobs/{job_id}/video").status_code == 404
+    assert api.get(f"/api/jobs/{job_id}").json()["id"] == job_id
+    assert api.get("/api/jobs/not-a-uuid").status_code in (404, 422)
+
+
+def test_cancel_queued_job(api, enqueued):
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    resp = api.post(f"/api/jobs/{job_id}/cancel")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    assert VideoJob.objects.get(pk=job_id).status == "cancelled"
+    again = api.post(f"/api/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
