@@ -367,7 +367,7 @@ def store_output(job):
     finally:
         client.close()
     job.refresh_from_db()
-    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read):
+    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=job.steps_total):
         default_storage.delete(name)  # cancelled meanwhile: keep no orphan
         return
     finish_accounting(job)

@@ -1,0 +1,331 @@
+"""A job's whole path against the ComfyUI double: submit once, follow, store, fail, cancel, recover."""
+
+import hashlib
+import hmac
+import json
+import threading
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+
+from generation import runner, tasks
+from generation.domain import sync_shipped_workflows
+from generation.models import ModelFile, VideoJob, Workflow
+from gpu.models import GpuConfig
+from tests.doubles.comfyui import ComfyUIDouble
+from tests.helpers import png_bytes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+S = VideoJob.Status
+
+
+@pytest.fixture
+def comfy():
+    with ComfyUIDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def requeued(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tasks, "enqueue", lambda func, *args: calls.append(args))
+    monkeypatch.setattr("django_q.tasks.async_task", lambda *a, **kw: None)
+    return calls
+
+
+@pytest.fixture
+def configured(comfy, requeued, settings):
+    settings.I2V_FOLLOW_SLICE = 5
+    config = GpuConfig.get()
+    config.comfyui_url = comfy.url
+    config.gpu_provider = "local"
+    config.save()
+    return comfy
+
+
+def make_job(owner, workflow="smoke", **kw):
+    # transaction=True tests flush the tables the data migration filled.
+    sync_shipped_workflows(Workflow, ModelFile)
+    wf = Workflow.objects.get(slug=workflow)
+    d = wf.defaults
+    job = VideoJob(owner=owner, prompt=kw.pop("prompt", "a dragon turns its head"), workflow=wf, workflow_slug=wf.slug,
+                   width=d["width"], height=d["height"], frames=d["frames"], fps=d["fps"], steps=d.get("steps"), **kw)
+    job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
+    job.save()
+    return job
+
+
+def run_to_end(job, limit=20):
+    for _ in range(limit):
+        tasks.run_job(str(job.id))
+        job.refresh_from_db()
+        if job.is_terminal:
+            return job
+    raise AssertionError(f"job still {job.status} after {limit} slices")
+
+
+def wait_for_row(job, predicate, timeout=5.0):
+    """Re-read the job until predicate(row) holds (a bounded wait for a condition)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        row = VideoJob.objects.get(pk=job.pk)
+        if predicate(row) or time.monotonic() > end:
+            return row
+        time.sleep(0.01)
+
+
+def in_thread(fn, *args):
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def test_smoke_job_completes_and_stores_the_video(configured, user, client):
+    comfy = configured
+    job = run_to_end(make_job(user))
+    assert job.status == S.COMPLETED, job.error
+    assert comfy.prompt_posts[job.prompt_id] == 1
+    out = job.provider_urls["output"]
+    expected = comfy.output_bytes(out["filename"], out["subfolder"])
+    assert default_storage.open(job.video.name).read() == expected
+    assert job.video_size == len(expected)
+    assert job.progress == 1.0 and job.step == job.steps_total > 0
+    assert job.submitted_at and job.finished_at and job.cost_usd == 0
+    # The submitted graph carries the job's image, a per-job prefix and a seed.
+    graph = comfy.submitted[-1]["prompt"]
+    assert graph["1"]["inputs"]["image"] == f"i2v/{job.id}.png"
+    assert graph["6"]["inputs"]["filename_prefix"] == f"i2v/{job.id}"
+    assert graph["4"]["inputs"]["seed"] == job.seed
+    # The owner can fetch it, with range requests for seeking.
+    client.force_login(user)
+    resp = client.get(f"/jobs/{job.id}/video", headers={"Range": "bytes=0-9"})
+    assert resp.status_code == 206 and b"".join(resp.streaming_content) == expected[:10]
+    assert resp["Content-Range"] == f"bytes 0-9/{len(expected)}"
+    full = client.get(f"/jobs/{job.id}/video")
+    assert b"".join(full.streaming_content) == expected
+
+
+def test_wan_job_reports_sampler_steps_mid_run(configured, user):
+    comfy = configured
+    comfy.hold = threading.Event()
+    job = make_job(user, workflow="wan22-i2v", seed=42)
+    worker = in_thread(run_to_end, job)
+    # Let the run go one hold point at a time and watch the job's step in the database.
+    seen, last = [], 0
+    for _ in range(60):
+        try:
+            comfy.wait_held(timeout=5)
+        except TimeoutError:
+            break
+        comfy.release_once()
+        row = wait_for_row(job, lambda r: r.step > last or r.is_terminal, timeout=1.0)
+        if row.step > last:
+            seen.append((row.status, row.step, row.steps_total))
+            last = row.step
+        if row.is_terminal or last == 4:
+            break
+    comfy.hold.set()
+    worker.join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == S.COMPLETED, job.error
+    assert job.steps_total == 4
+    steps = [step for _, step, _ in seen]
+    assert steps == sorted(set(steps)) and steps[-1] == 4 and any(0 < s < 4 for s in steps)
+    assert all(status == S.RUNNING and total == 4 for status, _, total in seen)
+    graph = comfy.submitted[-1]["prompt"]
+    assert graph["86"]["inputs"]["noise_seed"] == 42
+    assert (graph["86"]["inputs"]["end_at_step"], graph["85"]["inputs"]["start_at_step"]) == (2, 2)
+
+
+def test_worker_killed_after_post_resumes_without_second_post(configured, user, monkeypatch):
+    comfy = configured
+    job = make_job(user)
+    real_post = runner._post
+
+    class WorkerDied(BaseException):
+        pass
+
+    # Die right after ComfyUI received the prompt, before the job was marked submitted.
+    def post_and_die(client, j):
+        client.submit(runner.build_graph(j, client.upload_image(png_bytes(), f"{j.id}.png")), prompt_id=j.prompt_id,
+                      client_id=j.client_id, output_node=j.workflow.output_node)
+        raise WorkerDied()
+
+    monkeypatch.setattr(runner, "_post", post_and_die)
+    with pytest.raises(WorkerDied):
+        tasks.run_job(str(job.id))
+    monkeypatch.setattr(runner, "_post", real_post)
+    job.refresh_from_db()
+    assert job.status == S.QUEUED and job.prompt_id
+    VideoJob.objects.filter(pk=job.pk).update(lease_until=None)  # the dead worker's lease ran out
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED, job.error
+    assert comfy.prompt_posts[job.prompt_id] == 1
+    assert sum(comfy.prompt_posts.values()) == 1
+
+
+def test_worker_killed_mid_run_follows_the_same_run(configured, user):
+    comfy = configured
+    comfy.hold = threading.Event()
+    job = make_job(user)
+    # The first slice submits and starts following; it ends (deadline) while ComfyUI holds.
+    runner.advance(job.id, deadline=0)  # deadline already passed: submit, then return
+    job.refresh_from_db()
+    assert job.status == S.SUBMITTED
+    comfy.wait_held()
+    comfy.hold.set()
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED
+    assert sum(comfy.prompt_posts.values()) == 1
+
+
+def test_duplicate_task_while_leased_does_nothing(configured, user):
+    job = make_job(user)
+    VideoJob.objects.filter(pk=job.pk).update(lease_token="other", lease_until="2999-01-01T00:00:00Z")
+    assert tasks.run_job(str(job.id)) == "busy-or-finished"
+    assert configured.count("POST", "/prompt") == 0
+
+
+def test_comfyui_restart_resubmits_once_then_fails(configured, user):
+    comfy = configured
+    comfy.hold = threading.Event()
+    job = make_job(user)
+    runner.advance(job.id, deadline=0)
+    comfy.wait_held()
+    comfy.restart()
+    comfy.hold = threading.Event()
+    runner.advance(job.id, deadline=0)  # finds the run gone: resubmits
+    comfy.wait_held()
+    job.refresh_from_db()
+    assert job.submit_count == 2 and comfy.prompt_posts[job.prompt_id] == 2
+    comfy.restart()
+    comfy.hold = None
+    job = run_to_end(job)
+    assert job.status == S.FAILED
+    assert "lost this job twice" in job.error
+
+
+def test_execution_error_fails_with_the_exception_message(configured, user):
+    configured.fail_node = "SaveVideo"
+    configured.fail_message = "Generic error in an external library: 'avcodec_open2(\"libx264\", {})'"
+    job = run_to_end(make_job(user))
+    assert job.status == S.FAILED
+    assert "avcodec_open2" in job.error and "SaveVideo" in job.error
+
+
+def test_missing_model_file_fails_naming_it(configured, user):
+    configured.models = {"loras": [], "vae": ["wan_2.1_vae.safetensors"], "text_encoders": ["umt5_xxl_fp8_e4m3fn_scaled.safetensors"],
+                         "unet": ["Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf", "wan22EnhancedNSFWCameraPrompt_nsfwFASTMOVEV2Q8H.gguf"]}
+    job = run_to_end(make_job(user, workflow="wan22-i2v"))
+    assert job.status == S.FAILED
+    assert "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors" in job.error
+    assert "101" in job.error
+
+
+def test_cancel_running_job_interrupts_it(configured, user, api):
+    comfy = configured
+    comfy.hold = threading.Event()
+    job = make_job(user)
+    worker = in_thread(run_to_end, job)
+    comfy.wait_held()
+    resp = api.post(f"/api/jobs/{job.id}/cancel")
+    assert resp.status_code == 200
+    worker.join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == S.CANCELLED
+    assert comfy.count("POST", "/interrupt") == 1
+    assert not job.video
+
+
+def test_cancel_pending_job_removes_it_from_the_queue(configured, user, api):
+    comfy = configured
+    comfy.hold = threading.Event()
+    first = make_job(user)
+    runner.advance(first.id, deadline=0)
+    comfy.wait_held()
+    second = make_job(user, prompt="another")
+    runner.advance(second.id, deadline=0)
+    second.refresh_from_db()
+    assert second.prompt_id in comfy.pending_prompt_ids
+    resp = api.post(f"/api/jobs/{second.id}/cancel")
+    assert resp.json()["status"] == "cancelled"
+    assert second.prompt_id not in comfy.pending_prompt_ids
+    comfy.hold.set()
+    assert run_to_end(first).status == S.COMPLETED
+
+
+def test_unreachable_comfyui_fails_with_troubleshooting(requeued, user, monkeypatch, settings):
+    from tests.conftest import free_port
+
+    config = GpuConfig.get()
+    config.comfyui_url = f"http://127.0.0.1:{free_port()}"
+    config.save()
+    job = make_job(user)
+    assert tasks.run_job(str(job.id)) == "continued"  # within the grace period: retried
+    job.refresh_from_db()
+    assert job.status == S.QUEUED
+    monkeypatch.setattr(runner, "UNREACHABLE_GRACE", 0)
+    job = run_to_end(job)
+    assert job.status == S.FAILED
+    assert "refused" in job.error.lower() and "Test connection" in job.error
+
+
+def test_no_gpu_configured_fails_clearly(requeued, user):
+    job = run_to_end(make_job(user))
+    assert job.status == S.FAILED and "No GPU is configured" in job.error
+
+
+def test_dropped_websocket_falls_back_to_polling(configured, user):
+    configured.drop_websocket_after = 2
+    configured.run_seconds = 0.5
+    job = run_to_end(make_job(user))
+    assert job.status == S.COMPLETED, job.error
+    assert configured.count("GET", "/history/*") >= 2
+
+
+def test_token_is_sent_to_comfyui(configured, user):
+    comfy = configured
+    comfy.token = "portal-secret"
+    config = GpuConfig.get()
+    config.comfyui_token = "portal-secret"
+    config.save()
+    job = run_to_end(make_job(user))
+    assert job.status == S.COMPLETED, job.error
+    assert all(r.headers.get("Authorization") == "Bearer portal-secret" for r in comfy.requests)
+
+
+def test_webhook_is_signed_and_recorded(configured, user, settings):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    in_thread(srv.serve_forever)
+    try:
+        job = make_job(user, webhook_url=f"http://127.0.0.1:{srv.server_address[1]}/hook")
+        job = run_to_end(job)
+        from generation.webhooks import deliver
+
+        deliver(str(job.id), 1)
+    finally:
+        srv.shutdown()
+    assert len(received) == 1
+    headers, body = received[0]
+    t, v1 = (part.split("=", 1)[1] for part in headers["X-I2V-Signature"].split(","))
+    expected = hmac.new(settings.I2V_WEBHOOK_SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    assert v1 == expected
+    assert json.loads(body)["job"]["status"] == "completed"
+    assert job.webhook_deliveries.get().ok
