@@ -117,7 +117,8 @@ def advance(job_id, deadline: float) -> bool:
             submit(job)
         if job.status in (S.SUBMITTED, S.RUNNING):
             follow(job, deadline)
-        if job.status == S.UPLOADING:
+        if job.status == S.UPLOADING and time.monotonic() < deadline:
+            # Started only with time left in the slice; otherwise the next task uploads.
             store_output(job)
     except JobFailed as exc:
         _fail(job, str(exc))

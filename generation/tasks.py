@@ -32,7 +32,9 @@ def run_job(job_id):
     now = timezone.now()
     got = VideoJob.objects.filter(
         Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
-    ).update(lease_token=token, lease_until=now + timedelta(seconds=slice_seconds + 60))
+    # The lease lasts as long as django-q2 lets a task live (`timeout` < `retry`), so a task
+    # redelivered after a worker died always finds the dead worker's lease expired.
+    ).update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
     if not got:
         return "busy-or-finished"
     done = False
@@ -48,7 +50,7 @@ def run_job(job_id):
 
 def watchdog():
     """Re-enqueue active jobs nobody is working on (a worker died, a task was lost)."""
-    stale = timezone.now() - timedelta(seconds=settings.I2V_FOLLOW_SLICE + 90)
+    stale = timezone.now() - timedelta(seconds=settings.Q_CLUSTER["retry"])
     ids = list(
         VideoJob.objects.filter(status__in=VideoJob.ACTIVE, status_changed_at__lt=stale)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=timezone.now()))

@@ -126,8 +126,8 @@ Q_CLUSTER = {
     "workers": env_int("I2V_WORKERS", 2),
     # A task never runs longer than `timeout`; long GPU runs are followed in slices
     # that re-enqueue themselves, so `retry` (redelivery after a crash) stays short.
-    "timeout": env_int("I2V_TASK_TIMEOUT", 300),
-    "retry": env_int("I2V_TASK_RETRY", 360),
+    "timeout": env_int("I2V_TASK_TIMEOUT", 240),
+    "retry": env_int("I2V_TASK_RETRY", 300),
     "max_attempts": 5,
     "ack_failures": True,
     "save_limit": 500,
@@ -213,7 +213,7 @@ SWARMUI_URL = env("SWARMUI_URL")
 I2V_BLOCK_PRIVATE_NETWORKS = env_bool("I2V_BLOCK_PRIVATE_NETWORKS", False)
 I2V_WEBHOOK_SECRET = env("I2V_WEBHOOK_SECRET") or SECRET_KEY
 I2V_JOB_TIMEOUT = env_int("I2V_JOB_TIMEOUT", 3600)
-I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 120)
+I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 60)
 
 # --- Auth, sessions, security ---------------------------------------------------------
 LOGIN_URL = "/accounts/login/"

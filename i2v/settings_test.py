@@ -16,3 +16,7 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}  # noqa: F405
+
+# A worker process started by a test points at the test database pytest-django created.
+if os.environ.get("I2V_TEST_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["I2V_TEST_DB_NAME"]

@@ -1,0 +1,69 @@
+"""The whole path through a real django-q2 worker (qcluster) on the configured broker:
+API → queue → worker → ComfyUI double → storage → GET /api/jobs/{id} → the video."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from generation.domain import sync_shipped_workflows
+from generation.models import ModelFile, VideoJob, Workflow
+from gpu.models import GpuConfig
+from tests.doubles.comfyui import ComfyUIDouble
+from tests.helpers import png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
+
+
+@pytest.fixture
+def worker():
+    env = dict(os.environ)
+    env.update({
+        "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
+        "I2V_DATA_DIR": str(settings.DATA_DIR),
+        "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+        "I2V_Q_NAME": settings.Q_CLUSTER["name"],
+    })
+    proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_api_job_runs_on_the_worker_and_serves_the_video(api, worker):
+    import io
+
+    sync_shipped_workflows(Workflow, ModelFile)
+    with ComfyUIDouble(run_seconds=0.3) as comfy:
+        config = GpuConfig.get()
+        config.comfyui_url = comfy.url
+        config.save()
+        image = io.BytesIO(png_bytes())
+        image.name = "in.png"
+        resp = api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
+        assert resp.status_code == 202
+        job_id = resp.json()["id"]
+        end = time.monotonic() + 60
+        body = {}
+        while time.monotonic() < end:  # polling the API like a script would
+            body = api.get(f"/api/jobs/{job_id}").json()
+            if body["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
+        assert body["status"] == "completed", (body, worker.poll())
+        assert comfy.count("POST", "/prompt") == 1
+        video = api.get(body["video_url"])
+        out = VideoJob.objects.get(pk=job_id).provider_urls["output"]
+        expected = comfy.output_bytes(out["filename"], out["subfolder"])
+        assert b"".join(video.streaming_content) == expected
