@@ -7,6 +7,7 @@ from django.utils.html import format_html
 
 from gpu import domain
 from gpu.models import GpuConfig, GpuConfigChange, VastInstance
+from gpu.urls_check import split_token
 
 
 def human_duration(seconds):
@@ -46,6 +47,16 @@ class GpuConfigForm(forms.ModelForm):
         if self.cleaned_data.get("clear_comfyui_token"):
             return ""
         return value or self.instance.comfyui_token
+
+    def clean(self):
+        data = super().clean()
+        url = data.get("comfyui_url")
+        if url:
+            # A vast.ai "Open" URL carries ?token=…: keep the URL clean, the token write-only.
+            data["comfyui_url"], token = split_token(url)
+            if token and not self.data.get("comfyui_token"):
+                data["comfyui_token"] = token
+        return data
 
 
 @admin.register(GpuConfig)

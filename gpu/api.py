@@ -10,7 +10,7 @@ from pydantic import ConfigDict, field_validator
 from gpu import domain
 from gpu.models import GpuConfig, VastInstance
 from gpu.netguard import BlockedURL
-from gpu.urls_check import validate_service_url
+from gpu.urls_check import split_token, validate_service_url
 
 router = Router(tags=["gpu"])
 
@@ -75,6 +75,11 @@ def get_config(request):
 def post_config(request, payload: ConfigIn):
     _require_staff(request)
     changes = payload.model_dump(exclude_unset=True)
+    for key in ("comfyui_url", "swarmui_url"):
+        if changes.get(key):
+            changes[key], token = split_token(changes[key])
+            if token and not changes.get("comfyui_token"):
+                changes["comfyui_token"] = token
     for key in ("comfyui_url", "swarmui_url", "comfyui_token"):
         if key in changes and changes[key] is None:
             changes[key] = ""

@@ -81,7 +81,11 @@ def probe(url: str, *, token: str = "", timeout: float = 5.0) -> dict:
     except (ValueError, netguard.BlockedURL) as exc:
         return _result(url, reachable=False, status="unavailable", message=str(exc))
 
-    client = ComfyUIClient(url, token=token or None, connect_timeout=min(timeout, 5.0), read_timeout=timeout, retries=0)
+    # Follow redirects (an http → https proxy is common); every hop passes the SSRF guard.
+    http = netguard.http_client(timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)), follow_redirects=True,
+                                max_redirects=5)
+    client = ComfyUIClient(url, token=token or None, connect_timeout=min(timeout, 5.0), read_timeout=timeout,
+                           retries=0, http_client=http)
     try:
         try:
             stats = client.system_stats()
@@ -116,3 +120,4 @@ def probe(url: str, *, token: str = "", timeout: float = 5.0) -> dict:
         )
     finally:
         client.close()
+        http.close()

@@ -20,3 +20,14 @@ def validate_service_url(value: str) -> str:
     if any(ch in value for ch in " \r\n\t\x00"):
         raise ValueError("must not contain spaces or control characters")
     return value.rstrip("/")
+
+
+def split_token(url: str) -> tuple[str, str]:
+    """vast.ai "Open" URLs carry `?token=…`: return the URL without it, and the token."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    token = next((v for k, v in query if k == "token"), "")
+    rest = urlencode([(k, v) for k, v in query if k != "token"])
+    return urlunsplit(parts._replace(query=rest)).rstrip("/") if token else url, token
