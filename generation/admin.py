@@ -1,9 +1,9 @@
-import json
-
+from django import forms
 from django.contrib import admin
 from django.utils.html import format_html
 
 from generation.models import ModelFile, VideoJob, WebhookDelivery, Workflow
+from generation.workflow_schema import structural_errors, validate_graph
 from gpu.admin import human_duration
 
 
@@ -17,8 +17,47 @@ class ModelFileAdmin(admin.ModelAdmin):
         return bool(obj.sha256)
 
 
+class WorkflowForm(forms.ModelForm):
+    class Meta:
+        model = Workflow
+        exclude = ()
+
+    def clean(self):
+        """Check the graph: against the configured ComfyUI's /object_info when it answers,
+        else the checks that need no schema."""
+        data = super().clean()
+        graph, bindings, output_node = data.get("graph"), data.get("bindings") or {}, data.get("output_node")
+        if graph is None or output_node is None:
+            return data
+        errors = structural_errors(graph, bindings, output_node)
+        if not errors:
+            schema = _server_schema()
+            if schema:
+                errors = validate_graph(graph, schema, bindings=bindings, output_node=str(output_node))
+        if errors:
+            raise forms.ValidationError([forms.ValidationError(e) for e in errors[:20]])
+        return data
+
+
+def _server_schema():
+    from gpu.comfyui import ComfyUIClient, ComfyUIError
+    from gpu.models import GpuConfig
+
+    config = GpuConfig.get()
+    if not config.comfyui_url:
+        return None
+    client = ComfyUIClient(config.comfyui_url, token=config.comfyui_token or None, connect_timeout=3, read_timeout=15, retries=0)
+    try:
+        return client.object_info()
+    except ComfyUIError:
+        return None
+    finally:
+        client.close()
+
+
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
+    form = WorkflowForm
     list_display = ("slug", "name", "output_node", "is_active", "updated_at")
     list_filter = ("is_active",)
     search_fields = ("slug", "name")

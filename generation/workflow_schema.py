@@ -448,3 +448,31 @@ def required_models(graph: dict, object_info: dict) -> list[tuple[str, str]]:
             if (folder, value) not in found:
                 found.append((folder, value))
     return found
+
+
+def structural_errors(graph, bindings, output_node) -> list[str]:
+    """Checks that need no server schema: shape, links to existing nodes, bindings, output node."""
+    if not isinstance(graph, dict) or not graph:
+        return ["the graph must be a non-empty object of nodes"]
+    errors = []
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            errors.append(f"node {node_id}: needs a class_type")
+            continue
+        for name, value in (node.get("inputs") or {}).items():
+            if _is_link(value) and str(value[0]) not in graph:
+                errors.append(f"node {node_id} ({node['class_type']}): input {name} links to missing node {value[0]}")
+    if str(output_node) not in graph:
+        errors.append(f"output node {output_node} is not in the graph")
+    if not isinstance(bindings, dict):
+        return errors + ["bindings must be an object"]
+    for param, targets in bindings.items():
+        if param not in PARAMETERS:
+            errors.append(f"binding {param!r} is not a job parameter ({', '.join(PARAMETERS)})")
+            continue
+        for target in targets if isinstance(targets, list) else [None]:
+            if not (isinstance(target, list) and len(target) in (2, 3) and str(target[0]) in graph):
+                errors.append(f"binding {param}: {target!r} must be [node_id, input_name] of a node in the graph")
+            elif target[1] not in (graph[str(target[0])].get("inputs") or {}):
+                errors.append(f"binding {param}: node {target[0]} has no input {target[1]!r}")
+    return errors
