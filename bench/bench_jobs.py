@@ -108,9 +108,15 @@ import django; django.setup()
 from generation.models import VideoJob
 from generation import runner
 job = VideoJob.objects.get(pk={job_id!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-runner.store_output(job)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+runner.store_output(job, runner.client_for(job))
+peak = status("VmHWM")
 job.refresh_from_db()
 print(base, peak, job.status, job.video_size)
 """
@@ -142,7 +148,7 @@ def bench_progress_delay(user, comfy, steps):
     job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
     job.save()
     _, key = ApiToken.issue(user)
-    http = Client()
+    http = Client(HTTP_HOST="localhost")
     comfy.hold = threading.Event()
     worker = threading.Thread(target=run_job, args=(job,), daemon=True)
     worker.start()

@@ -112,14 +112,21 @@ def advance(job_id, deadline: float) -> bool:
     if job.backend != VideoJob.Backend.COMFYUI:
         _fail(job, f"Backend {job.backend} is not available on this server.")
         return True
+    conn = None
     try:
         if job.status in (S.QUEUED, S.PROVISIONING):
-            submit(job)
+            if job.cancel_requested:
+                job.transition(S.CANCELLED, error="Cancelled by the user.")
+                return True
+            claim_ids(job)
+        conn = Connection(job)
+        if job.status in (S.QUEUED, S.PROVISIONING):
+            submit(job, conn)
         if job.status in (S.SUBMITTED, S.RUNNING):
-            follow(job, deadline)
+            follow(job, deadline, conn)
         if job.status == S.UPLOADING and time.monotonic() < deadline:
             # Started only with time left in the slice; otherwise the next task uploads.
-            store_output(job)
+            store_output(job, conn.client)
     except JobFailed as exc:
         _fail(job, str(exc))
     except ComfyUIError as exc:
@@ -127,8 +134,43 @@ def advance(job_id, deadline: float) -> bool:
             log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)
             return False
         _fail(job, f"{exc}" + (f" {TROUBLESHOOTING}" if exc.kind in ("unreachable", "timeout") else ""))
+    finally:
+        if conn is not None:
+            conn.close()
     job.refresh_from_db()
     return job.is_terminal
+
+
+class Connection:
+    """A job's ComfyUI client and its websocket, opened before anything is posted: ComfyUI
+    drops (does not buffer) the events of a client that is not connected."""
+
+    def __init__(self, job):
+        self.client = client_for(job)
+        self.events = None
+        self._cm = None
+
+    def open_events(self, client_id):
+        if self.events is not None:
+            return
+        try:
+            self._cm = self.client.events(client_id)
+            self.events = self._cm.__enter__()
+        except ComfyUIError as exc:
+            log.info("websocket unavailable (%s); following by polling", exc)
+            self._cm = self.events = None
+
+    def drop_events(self):
+        if self._cm is not None:
+            try:
+                self._cm.__exit__(None, None, None)
+            except Exception:  # already broken: nothing to close cleanly
+                pass
+        self._cm = self.events = None
+
+    def close(self):
+        self.drop_events()
+        self.client.close()
 
 
 def _within_grace(job) -> bool:
@@ -137,34 +179,28 @@ def _within_grace(job) -> bool:
     return (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE
 
 
-def submit(job):
-    """Upload the image and POST the prompt, exactly once per run (see module docstring)."""
-    if job.cancel_requested:
-        job.transition(S.CANCELLED, error="Cancelled by the user.")
+def claim_ids(job):
+    """Record where the job runs and its prompt/client ids before anything is posted, so a
+    crash after the POST finds them and does not post again."""
+    if job.prompt_id:
         return
     url, _, instance = target_for(job)
-    if not job.prompt_id:
-        # Record the ids first: a crash after the POST finds them and does not post again.
-        prompt_id, client_id = str(uuid.uuid4()), uuid.uuid4().hex
-        seed = job.seed if job.seed is not None else random.randrange(0, 2**53)
-        claimed = VideoJob.objects.filter(pk=job.pk, prompt_id="").update(
-            prompt_id=prompt_id, client_id=client_id, comfyui_url=url, seed=seed,
-            instance=instance, submit_count=1,
-        )
-        job.refresh_from_db()
-        if not claimed:
-            return submit(job) if not job.is_terminal else None
-        already_posted = False
-    else:
-        already_posted = True
-    client = client_for(job)
-    try:
-        if already_posted and _known_to_comfyui(client, job.prompt_id):
-            job.transition(S.SUBMITTED)
-            return
-        _post(client, job)
-    finally:
-        client.close()
+    seed = job.seed if job.seed is not None else random.randrange(0, 2**53)
+    VideoJob.objects.filter(pk=job.pk, prompt_id="").update(
+        prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url, seed=seed,
+        instance=instance, submit_count=1,
+    )
+    job.refresh_from_db()
+
+
+def submit(job, conn):
+    """Upload the image and POST the prompt, exactly once per run (see module docstring)."""
+    conn.open_events(job.client_id)
+    # A retry (or a duplicate task) may find the prompt already received: follow it instead.
+    if _known_to_comfyui(conn.client, job.prompt_id):
+        job.transition(S.SUBMITTED)
+        return
+    _post(conn.client, job)
 
 
 def _known_to_comfyui(client, prompt_id) -> bool:
@@ -241,47 +277,34 @@ def _expected_steps_known(job) -> bool:
     )
 
 
-def follow(job, deadline):
+def follow(job, deadline, conn):
     """Follow the run on the websocket (falling back to polling) until it ends or `deadline`."""
-    client = client_for(job)
+    client = conn.client
+    conn.open_events(job.client_id)
     progress = Progress(job)
-    try:
-        events = None
-        try:
-            events_cm = client.events(job.client_id)
-            events = events_cm.__enter__()
-        except ComfyUIError as exc:
-            log.info("job %s: websocket unavailable (%s); polling", job.id, exc)
-            events_cm = None
-        try:
-            item = _check_history(client, job)
+    item = _check_history(client, job)
+    last_poll = time.monotonic()
+    while item is None:
+        if time.monotonic() >= deadline:
+            return
+        if _timed_out(job):
+            client.cancel(job.prompt_id)
+            raise JobFailed(f"The job took longer than {settings.I2V_JOB_TIMEOUT} s and was stopped.")
+        ended = False
+        if conn.events is not None:
+            try:
+                ev = conn.events.next(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+            except ComfyUIError:
+                conn.drop_events()  # socket dropped: poll instead
+                ev = None
+            if ev is not None:
+                ended = _on_event(job, progress, ev)
+        else:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if ended or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll = time.monotonic()
-            while item is None:
-                if time.monotonic() >= deadline:
-                    return
-                if _timed_out(job):
-                    client.cancel(job.prompt_id)
-                    raise JobFailed(f"The job took longer than {settings.I2V_JOB_TIMEOUT} s and was stopped.")
-                ended = False
-                if events is not None:
-                    try:
-                        ev = events.next(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
-                    except ComfyUIError:
-                        events = None  # socket dropped: poll instead
-                        ev = None
-                    if ev is not None:
-                        ended = _on_event(job, progress, ev)
-                else:
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                if ended or time.monotonic() - last_poll >= POLL_EVERY:
-                    last_poll = time.monotonic()
-                    item = _check_history(client, job)
-        finally:
-            if events_cm is not None:
-                events_cm.__exit__(None, None, None)
-        _conclude(job, item)
-    finally:
-        client.close()
+            item = _check_history(client, job)
+    _conclude(job, item)
 
 
 def _timed_out(job) -> bool:
@@ -354,19 +377,15 @@ def _conclude(job, item):
     job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99))
 
 
-def store_output(job):
+def store_output(job, client):
     """Stream the output from ComfyUI's /view into the default storage, then complete the job."""
     out = (job.provider_urls or {}).get("output")
     if not out:
         raise JobFailed("The output file of this job is unknown.")
-    client = client_for(job)
     ext = out["filename"].rsplit(".", 1)[-1].lower() if "." in out["filename"] else "mp4"
-    try:
-        with client.open_view(out["filename"], out.get("subfolder", ""), out.get("type", "output")) as resp:
-            stream = ResponseStream(resp)
-            name = default_storage.save(f"videos/{job.id}.{ext}", File(stream, name=f"{job.id}.{ext}"))
-    finally:
-        client.close()
+    with client.open_view(out["filename"], out.get("subfolder", ""), out.get("type", "output")) as resp:
+        stream = ResponseStream(resp)
+        name = default_storage.save(f"videos/{job.id}.{ext}", File(stream, name=f"{job.id}.{ext}"))
     job.refresh_from_db()
     if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=job.steps_total):
         default_storage.delete(name)  # cancelled meanwhile: keep no orphan
