@@ -13,6 +13,7 @@ resumed by the next one without a second `POST /prompt`:
 import io
 import logging
 import random
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -160,13 +161,22 @@ class Connection:
             log.info("websocket unavailable (%s); following by polling", exc)
             self._cm = self.events = None
 
-    def drop_events(self):
-        if self._cm is not None:
+    def drop_events(self, wait=True):
+        """Close the websocket; with wait=False the close handshake runs in the background."""
+        cm, self._cm, self.events = self._cm, None, None
+        if cm is None:
+            return
+
+        def close():
             try:
-                self._cm.__exit__(None, None, None)
+                cm.__exit__(None, None, None)
             except Exception:  # already broken: nothing to close cleanly
                 pass
-        self._cm = self.events = None
+
+        if wait:
+            close()
+        else:
+            threading.Thread(target=close, daemon=True).start()
 
     def close(self):
         self.drop_events()
@@ -304,6 +314,7 @@ def follow(job, deadline, conn):
         if ended or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll = time.monotonic()
             item = _check_history(client, job)
+    conn.drop_events(wait=False)  # the run ended: no more events to read
     _conclude(job, item)
 
 

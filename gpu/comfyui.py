@@ -582,7 +582,9 @@ class ComfyUIClient:
                 url,
                 additional_headers=self._headers(),
                 open_timeout=open_timeout,
-                close_timeout=2,
+                # aiohttp (ComfyUI's server) answers the close frame but leaves the TCP close to
+                # the client; a short wait keeps a finished job from idling on the handshake.
+                close_timeout=0.2,
                 max_size=WS_MAX_MESSAGE,
                 proxy=None,  # connect where netguard checked, not through an environment proxy
                 compression=None,

@@ -6,10 +6,13 @@ ranges stay allowed by default (a ComfyUI on the LAN is legitimate); set
 ``I2V_BLOCK_PRIVATE_NETWORKS=1`` to refuse them too.
 """
 
+import functools
 import ipaddress
 import socket
+import ssl
 from urllib.parse import urlsplit
 
+import certifi
 import httpx
 from django.conf import settings
 
@@ -88,9 +91,15 @@ class GuardedTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # Building a context loads the CA bundle (~0.1 s); one shared context makes clients cheap.
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 def http_client(**kwargs) -> httpx.Client:
     """An httpx.Client whose every connection (and redirect hop) passes check_url."""
-    kwargs.setdefault("transport", GuardedTransport(retries=0))
+    kwargs.setdefault("transport", GuardedTransport(retries=0, verify=_ssl_context()))
     return httpx.Client(**kwargs)
 
 
