@@ -329,3 +329,59 @@ def test_webhook_is_signed_and_recorded(configured, user, settings):
     assert v1 == expected
     assert json.loads(body)["job"]["status"] == "completed"
     assert job.webhook_deliveries.get().ok
+
+
+def test_job_timeout_stops_the_run(configured, user, settings):
+    comfy = configured
+    comfy.hold = threading.Event()
+    settings.I2V_JOB_TIMEOUT = 0
+    job = run_to_end(make_job(user))
+    comfy.hold.set()
+    assert job.status == S.FAILED
+    assert "took longer than 0 s" in job.error
+    assert comfy.count("POST", "/interrupt") + comfy.count("POST", "/queue") >= 1
+
+
+def test_failed_webhook_is_retried_later_and_recorded(configured, user):
+    from django_q.models import Schedule
+
+    from tests.helpers import StaticServer
+
+    with StaticServer({"/hook": (500, {}, b"boom")}) as srv:
+        job = run_to_end(make_job(user, webhook_url=f"{srv.url}/hook"))
+        from generation.webhooks import deliver
+
+        deliver(str(job.id), 1)
+        deliver(str(job.id), 1)  # a redelivered task: the attempt is not repeated
+    row = job.webhook_deliveries.get()
+    assert (row.attempt, row.ok, row.status_code, row.error) == (1, False, 500, "HTTP 500")
+    retry = Schedule.objects.get(func="generation.tasks.deliver_webhook")
+    assert retry.args == f"'{job.id}',2" and retry.schedule_type == Schedule.ONCE
+
+
+def test_video_goes_to_r2_and_is_served_by_presigned_url(configured, user, settings, api):
+    import boto3
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    s3.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                     aws_secret_access_key="s").create_bucket(Bucket="videos")
+        settings.R2_BUCKET = "videos"
+        settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
+            "bucket_name": "videos", "endpoint_url": endpoint, "region_name": "auto", "access_key": "k",
+            "secret_key": "s", "file_overwrite": False, "default_acl": None}}}
+        job = run_to_end(make_job(user))
+        assert job.status == S.COMPLETED, job.error
+        out = job.provider_urls["output"]
+        url = api.get(f"/api/jobs/{job.id}").json()["video_url"]
+        assert url.startswith(endpoint) and "X-Amz-Signature=" in url
+        assert httpx.get(url).content == configured.output_bytes(out["filename"], out["subfolder"])
+    finally:
+        s3.stop()
