@@ -123,6 +123,8 @@ class JobOut(Schema):
     started_at: Optional[datetime]
     finished_at: Optional[datetime]
     cost_usd: Optional[float]
+    cost_estimate_usd: Optional[float]
+    note: Optional[str]
 
 
 class JobList(Schema):
@@ -190,3 +192,34 @@ def cancel_job(request, job_id: uuid.UUID):
     if job.is_terminal:
         raise HttpError(409, f"The job is already {job.status}; nothing to cancel.")
     return domain.job_json(domain.cancel_job(job))
+
+
+@router.post("/fal/webhook/{uuid:job_id}", auth=None, url_name="fal_webhook", include_in_schema=False)
+def fal_webhook(request, job_id: uuid.UUID, token: str = ""):
+    """fal.ai's completion callback; authenticated by a per-job token, idempotent on request_id
+    (fal retries deliveries)."""
+    import hmac as _hmac
+
+    from generation import fal_runner
+    from generation.tasks import enqueue
+
+    if not _hmac.compare_digest(token, fal_runner.webhook_token(job_id)):
+        raise HttpError(403, "Bad webhook token.")
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise HttpError(400, "The body is not valid JSON.")
+    job = VideoJob.objects.filter(pk=job_id, backend=VideoJob.Backend.FAL).first()
+    if job is None or not isinstance(body, dict) or body.get("request_id") != job.request_id:
+        raise HttpError(404, "No such fal.ai request for this job.")
+    if job.is_terminal or job.status == VideoJob.Status.UPLOADING:
+        return {"ok": True, "duplicate": True}
+    if body.get("status") == "OK":
+        try:
+            fal_runner.take_result(job, body.get("payload"))
+        except fal_runner.FalJobFailed as exc:
+            fal_runner.fail_job(job, str(exc))
+    else:
+        fal_runner.fail_job(job, f"fal.ai failed to generate the video: {body.get('error') or body.get('payload_error') or 'unknown error'}")
+    enqueue("generation.tasks.run_job", str(job.id))
+    return {"ok": True}

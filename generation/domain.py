@@ -52,7 +52,21 @@ def job_json(job: VideoJob) -> dict:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "cost_usd": float(job.cost_usd) if job.cost_usd is not None else None,
+        "cost_estimate_usd": cost_estimate(job),
+        "note": job.note or None,
     }
+
+
+def cost_estimate(job):
+    """fal.ai's published price for this clip (per video-second by resolution), for comparison."""
+    if not settings.FAL_KEY and job.backend != VideoJob.Backend.FAL:
+        return None
+    from generation.fal import estimate_cost
+
+    try:
+        return float(estimate_cost(settings.FAL_ENDPOINT, job.width, job.height, job.frames))
+    except ValueError:
+        return None
 
 
 def enqueue_run(job_id):
@@ -87,8 +101,8 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         raise InputError("image", "send an image file (multipart field 'image') or an image_url")
     if image_bytes is not None and params.image_url:
         raise InputError("image_url", "send either an image file or an image_url, not both")
-    if params.backend == "fal":
-        raise InputError("backend", "the fal.ai backend is not available on this server yet; use backend 'comfyui'")
+    if params.backend == "fal" and not settings.FAL_KEY:
+        raise InputError("backend", "fal.ai is not configured on this server (FAL_KEY is unset); use backend 'comfyui'")
     workflow = resolve_workflow(params.workflow)
     field = "image"
     if image_bytes is None:
@@ -139,6 +153,10 @@ def cancel_job(job: VideoJob) -> VideoJob:
         return job
     if job.status in (VideoJob.Status.QUEUED, VideoJob.Status.PROVISIONING) and not job.prompt_id:
         job.transition(VideoJob.Status.CANCELLED, error="Cancelled by the user.")
+    elif job.backend == VideoJob.Backend.FAL:
+        from generation.fal_runner import cancel_on_fal
+
+        cancel_on_fal(job)
     else:
         from generation.runner import cancel_on_comfyui
 

@@ -110,9 +110,10 @@ def advance(job_id, deadline: float) -> bool:
     job = VideoJob.objects.select_related("workflow", "instance").filter(pk=job_id).first()
     if job is None or job.is_terminal:
         return True
-    if job.backend != VideoJob.Backend.COMFYUI:
-        _fail(job, f"Backend {job.backend} is not available on this server.")
-        return True
+    from generation import fal_runner
+
+    if job.backend == VideoJob.Backend.FAL or fal_runner.maybe_fall_back(job):
+        return fal_runner.advance(job_id, deadline)
     conn = None
     try:
         if job.status in (S.QUEUED, S.PROVISIONING):

@@ -208,6 +208,12 @@ VASTAI_API_KEY = env("VASTAI_API_KEY")
 VASTAI_API_URL = env("VASTAI_API_URL", "https://console.vast.ai/api/v0").rstrip("/")
 FAL_KEY = env("FAL_KEY")
 FAL_QUEUE_URL = env("FAL_QUEUE_URL", "https://queue.fal.run").rstrip("/")
+FAL_ENDPOINT = env("FAL_ENDPOINT", "fal-ai/wan/v2.2-a14b/image-to-video")
+I2V_FAL_POLL_SECONDS = env_float("I2V_FAL_POLL_SECONDS", 2.0)
+# Seconds a ComfyUI job may wait for a GPU before it is sent to fal.ai instead (0 = never).
+I2V_FAL_FALLBACK_AFTER = env_int("I2V_FAL_FALLBACK_AFTER", 0)
+# Where fal.ai can reach this server for webhooks (e.g. https://i2v.example.com); unset → polling.
+I2V_PUBLIC_URL = env("I2V_PUBLIC_URL").rstrip("/")
 COMFYUI_URL = env("COMFYUI_URL")
 SWARMUI_URL = env("SWARMUI_URL")
 I2V_BLOCK_PRIVATE_NETWORKS = env_bool("I2V_BLOCK_PRIVATE_NETWORKS", False)

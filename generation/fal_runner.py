@@ -1,0 +1,223 @@
+"""Running a VideoJob on fal.ai's queue: submit once, poll (or take the webhook), copy the video.
+
+The same slices, lease and states as the ComfyUI runner. Money is spent per submission,
+so a submission is never repeated blindly: a `submitting` mark is stored before the POST;
+a retry that finds the mark without a request id cannot know whether fal received the
+request, and fails the job with that explanation instead of paying twice.
+"""
+
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
+from django.urls import reverse
+from django.utils import timezone
+
+from generation.fal import FalClient, FalError, build_input, estimate_cost
+from generation.models import VideoJob
+
+log = logging.getLogger(__name__)
+S = VideoJob.Status
+UNREACHABLE_GRACE = 120
+
+
+class FalJobFailed(Exception):
+    pass
+
+
+def client() -> FalClient:
+    return FalClient(settings.FAL_KEY, settings.FAL_QUEUE_URL)
+
+
+def webhook_token(job_id) -> str:
+    return hmac.new(settings.SECRET_KEY.encode(), f"fal-webhook:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def webhook_url(job) -> str | None:
+    if not settings.I2V_PUBLIC_URL:
+        return None
+    path = reverse("api:fal_webhook", kwargs={"job_id": job.id})
+    return f"{settings.I2V_PUBLIC_URL}{path}?token={webhook_token(job.id)}"
+
+
+def estimate(job) -> Decimal:
+    return estimate_cost(settings.FAL_ENDPOINT, job.width, job.height, job.frames)
+
+
+def _image_url(job) -> str:
+    """A URL fal can download without our credentials: presigned R2, else a data URI."""
+    if settings.R2_BUCKET:
+        return default_storage.url(job.input_image.name)
+    with default_storage.open(job.input_image.name, "rb") as fh:
+        data = fh.read()
+    ext = job.input_image.name.rsplit(".", 1)[-1].lower()
+    mime = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(ext, "image/png")
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def fail_job(job, message):
+    from generation.runner import finish_accounting
+
+    job.refresh_from_db()
+    if not job.is_terminal:
+        job.transition(S.FAILED, error=message[:4000])
+        finish_accounting(job)
+
+
+def advance(job_id, deadline: float) -> bool:
+    """Move a fal job forward until `deadline`. True once it is terminal."""
+    job = VideoJob.objects.filter(pk=job_id).first()
+    if job is None or job.is_terminal:
+        return True
+    try:
+        fal = client()
+    except FalError as exc:
+        fail_job(job, str(exc))
+        return True
+    try:
+        if job.status in (S.QUEUED, S.PROVISIONING):
+            submit(job, fal)
+        if job.status in (S.SUBMITTED, S.RUNNING):
+            follow(job, fal, deadline)
+        if job.status == S.UPLOADING and time.monotonic() < deadline:
+            store_output(job, fal)
+    except FalJobFailed as exc:
+        fail_job(job, str(exc))
+    except FalError as exc:
+        since = job.status_changed_at or job.created_at
+        if exc.retryable and (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE:
+            log.warning("job %s: fal.ai unavailable (%s); will retry", job.id, exc.kind)
+            return False
+        fail_job(job, f"fal.ai: {exc}")
+    finally:
+        fal.close()
+    job.refresh_from_db()
+    return job.is_terminal
+
+
+def submit(job, fal):
+    if job.cancel_requested:
+        job.transition(S.CANCELLED, error="Cancelled by the user.")
+        return
+    if job.request_id:
+        job.transition(S.SUBMITTED)
+        return
+    urls = job.provider_urls or {}
+    if urls.get("submitting"):
+        raise FalJobFailed(
+            "The worker stopped while submitting this job to fal.ai, so it is unknown whether fal received it; "
+            "it was not sent again to avoid paying twice. Retry the job."
+        )
+    arguments = build_input(
+        image_url=_image_url(job), prompt=job.prompt, negative_prompt=job.negative_prompt, frames=job.frames,
+        fps=job.fps, width=job.width, height=job.height, seed=job.seed, endpoint=settings.FAL_ENDPOINT,
+    )
+    marked = VideoJob.objects.filter(pk=job.pk, request_id="", status=job.status).update(
+        provider_urls={"submitting": timezone.now().isoformat()}
+    )
+    if not marked:
+        return
+    try:
+        handle = fal.submit(settings.FAL_ENDPOINT, arguments, webhook_url=webhook_url(job))
+    except FalError as exc:
+        # Refused before it was queued (bad key, bad input): nothing was charged, nothing to resume.
+        if exc.kind in ("auth", "invalid"):
+            raise FalJobFailed(f"fal.ai refused the job: {exc}")
+        if exc.kind == "http" and exc.status and exc.status < 500:
+            raise FalJobFailed(f"fal.ai refused the job: {exc}")
+        raise FalJobFailed(f"fal.ai did not confirm the submission ({exc}); not resubmitted to avoid paying twice. Retry the job.")
+    job.transition(
+        S.SUBMITTED, request_id=handle["request_id"],
+        provider_urls={k: handle[k] for k in ("status_url", "response_url", "cancel_url")},
+        steps_total=1, step=0, progress=0.0,
+    )
+
+
+def follow(job, fal, deadline):
+    urls = job.provider_urls
+    while True:
+        job.refresh_from_db()
+        if job.is_terminal or job.status == S.UPLOADING:
+            return  # the webhook got there first
+        state = fal.status(urls["status_url"])
+        status = state.get("status")
+        if status == "IN_QUEUE":
+            position = state.get("queue_position")
+            if position != job.queue_position:
+                VideoJob.objects.filter(pk=job.pk).update(queue_position=position)
+        elif status == "IN_PROGRESS":
+            if job.status == S.SUBMITTED:
+                job.transition(S.RUNNING, queue_position=None, current_node="fal.ai")
+        elif status == "COMPLETED":
+            if state.get("error"):
+                raise FalJobFailed(f"fal.ai failed to generate the video: {state['error']}")
+            take_result(job, fal.result(urls["response_url"]))
+            return
+        wait = settings.I2V_FAL_POLL_SECONDS
+        if time.monotonic() + wait >= deadline:
+            return
+        time.sleep(wait)  # fal's queue has no push channel but the webhook: poll politely
+
+
+def take_result(job, payload):
+    """Record fal's output (from polling or the webhook) and move the job to uploading."""
+    video = (payload or {}).get("video") or {}
+    if not video.get("url"):
+        raise FalJobFailed("fal.ai finished but returned no video.")
+    urls = dict(job.provider_urls or {})
+    urls["output_url"] = video["url"]
+    job.refresh_from_db()
+    if job.status in (S.SUBMITTED, S.RUNNING):
+        job.transition(S.UPLOADING, provider_urls=urls, progress=0.99, step=1)
+
+
+def store_output(job, fal):
+    url = (job.provider_urls or {}).get("output_url")
+    if not url:
+        raise FalJobFailed("The fal.ai output of this job is unknown.")
+    from generation.runner import ResponseStream, finish_accounting
+
+    with fal.open_download(url) as resp:
+        stream = ResponseStream(resp)
+        name = default_storage.save(f"videos/{job.id}.mp4", File(stream, name=f"{job.id}.mp4"))
+    job.refresh_from_db()
+    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, cost_usd=estimate(job)):
+        default_storage.delete(name)
+        return
+    finish_accounting(job)
+
+
+def cancel_on_fal(job):
+    urls = job.provider_urls or {}
+    if urls.get("cancel_url"):
+        fal = client()
+        try:
+            fal.cancel(urls["cancel_url"])
+        except FalError as exc:
+            log.warning("job %s: cancel on fal.ai failed: %s", job.id, exc)
+        finally:
+            fal.close()
+    job.transition(S.CANCELLED, error="Cancelled by the user.")
+
+
+def maybe_fall_back(job) -> bool:
+    """Fallback policy (off unless I2V_FAL_FALLBACK_AFTER > 0 and FAL_KEY is set): a ComfyUI job
+    that has waited that long without reaching a GPU goes to fal.ai instead. True if it moved."""
+    wait = settings.I2V_FAL_FALLBACK_AFTER
+    if not (wait and settings.FAL_KEY) or job.backend != VideoJob.Backend.COMFYUI:
+        return False
+    if job.status not in (S.QUEUED, S.PROVISIONING) or job.prompt_id:
+        return False
+    if (timezone.now() - job.created_at).total_seconds() < wait:
+        return False
+    moved = VideoJob.objects.filter(pk=job.pk, status=job.status, prompt_id="", backend="comfyui").update(
+        backend=VideoJob.Backend.FAL,
+        note=f"Sent to fal.ai: no GPU was ready within {wait} s.",
+    )
+    return moved == 1

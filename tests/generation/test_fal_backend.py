@@ -1,0 +1,135 @@
+"""The fal.ai backend on the same VideoJob: API → queue → status → result → our storage, with cost."""
+
+import io
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from generation import fal_runner, runner
+from generation.fal import estimate_cost
+from generation.models import VideoJob
+from tests.doubles.fal import FalDouble
+from tests.generation.test_runner import make_job, run_to_end
+from tests.helpers import png_bytes
+
+pytestmark = pytest.mark.django_db(transaction=True)
+S = VideoJob.Status
+
+
+@pytest.fixture
+def fal(settings, monkeypatch):
+    with FalDouble() as double:
+        settings.FAL_KEY = double.key
+        settings.FAL_QUEUE_URL = double.url
+        settings.I2V_FAL_POLL_SECONDS = 0
+        settings.I2V_FOLLOW_SLICE = 5
+        monkeypatch.setattr("generation.tasks.enqueue", lambda *a: None)
+        monkeypatch.setattr("django_q.tasks.async_task", lambda *a, **kw: None)
+        yield double
+
+
+def fal_job(user, **kw):
+    return make_job(user, workflow="wan22-i2v", backend="fal", **kw)
+
+
+def test_fal_job_from_the_api_completes_into_our_storage_with_cost(fal, api, user):
+    image = io.BytesIO(png_bytes())
+    image.name = "in.png"
+    resp = api.post("/api/generate-video", data={"prompt": "waves", "backend": "fal", "image": image,
+                                                 "width": "832", "height": "480", "frames": "81"}, json=False)
+    assert resp.status_code == 202, resp.content
+    job = run_to_end(VideoJob.objects.get(pk=resp.json()["id"]))
+    assert job.status == S.COMPLETED, job.error
+    assert default_storage.open(job.video.name).read() == fal.output_bytes()
+    assert job.cost_usd == estimate_cost("fal-ai/wan/v2.2-a14b/image-to-video", 832, 480, 81) == Decimal("0.2025")
+    body = api.get(f"/api/jobs/{job.id}").json()
+    assert body["cost_usd"] == 0.2025 and body["request_id"] == job.request_id
+    assert body["video_url"].startswith("/jobs/")  # served by i2v, not fal's CDN
+    sent = fal.submissions[job.request_id]
+    assert sent["prompt"] == "waves" and sent["num_frames"] == 81 and sent["resolution"] == "480p"
+    assert sent["image_url"].startswith("data:image/png;base64,")
+    # Status and result were fetched from the URLs fal returned (without the endpoint's sub-path).
+    assert fal.count("GET", "/fal-ai/wan/requests/*/status") >= 1
+    assert fal.count("GET", "/fal-ai/wan/v2.2-a14b/image-to-video/requests/*") == 0
+
+
+def test_fal_queue_position_is_recorded(fal, user):
+    fal.queue_polls = None  # stays queued
+    job = fal_job(user)
+    runner.advance(job.id, deadline=0)
+    job.refresh_from_db()
+    assert job.status == S.SUBMITTED
+    fal_runner.follow(job, fal_runner.client(), deadline=0)
+    job.refresh_from_db()
+    assert job.queue_position is not None
+
+
+def test_fal_model_failure_fails_the_job_with_the_message(fal, user):
+    fal.fail_message = "CUDA out of memory on the runner"
+    job = run_to_end(fal_job(user))
+    assert job.status == S.FAILED and "CUDA out of memory" in job.error
+
+
+def test_fal_submission_cut_off_is_not_paid_twice(fal, user):
+    job = fal_job(user)
+    VideoJob.objects.filter(pk=job.pk).update(provider_urls={"submitting": timezone.now().isoformat()})
+    job = run_to_end(job)
+    assert job.status == S.FAILED and "avoid paying twice" in job.error
+    assert fal.submissions == {}
+
+
+def test_fal_bad_key_is_a_clear_failure(fal, user, settings):
+    settings.FAL_KEY = "wrong:key"
+    job = run_to_end(fal_job(user))
+    assert job.status == S.FAILED and "FAL_KEY" in job.error and "wrong:key" not in job.error
+
+
+def test_cancel_fal_job_uses_the_cancel_url(fal, user, api):
+    fal.queue_polls = None
+    job = fal_job(user)
+    runner.advance(job.id, deadline=0)
+    resp = api.post(f"/api/jobs/{job.id}/cancel")
+    assert resp.json()["status"] == "cancelled"
+    assert fal.count("PUT", "/fal-ai/wan/requests/*/cancel") == 1
+
+
+def test_fal_webhook_moves_the_job_and_is_idempotent(fal, user, client):
+    fal.queue_polls = None
+    job = fal_job(user)
+    runner.advance(job.id, deadline=0)
+    job.refresh_from_db()
+    url = f"/api/fal/webhook/{job.id}?token={fal_runner.webhook_token(job.id)}"
+    body = {"request_id": job.request_id, "status": "OK",
+            "payload": {"video": {"url": f"{fal.url}/files/{job.request_id}.mp4"}}}
+    assert client.post(url.replace("token=", "token=x"), body, content_type="application/json").status_code == 403
+    first = client.post(url, body, content_type="application/json")
+    again = client.post(url, body, content_type="application/json")
+    assert first.json() == {"ok": True} and again.json()["duplicate"] is True
+    job.refresh_from_db()
+    assert job.status == S.UPLOADING
+
+
+def test_fal_backend_needs_a_key(api, settings):
+    settings.FAL_KEY = ""
+    resp = api.post("/api/generate-video", data={"prompt": "x", "backend": "fal", "image": io.BytesIO(png_bytes())},
+                    json=False)
+    assert resp.status_code == 422 and "FAL_KEY" in resp.json()["detail"]
+
+
+def test_fallback_sends_a_waiting_gpu_job_to_fal(fal, user, settings):
+    settings.I2V_FAL_FALLBACK_AFTER = 60
+    job = make_job(user, workflow="wan22-i2v")  # no ComfyUI configured: it can only wait
+    VideoJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=61))
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED, job.error
+    assert job.backend == "fal" and "Sent to fal.ai" in job.note
+
+
+def test_fallback_is_off_by_default(fal, user):
+    job = make_job(user, workflow="wan22-i2v")
+    VideoJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=1))
+    job = run_to_end(job)
+    assert job.backend == "comfyui" and job.status == S.FAILED and "No GPU is configured" in job.error
