@@ -83,7 +83,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OBJECT_INFO = Path(__file__).resolve().parents[3] / "shared/protocols/object_info.json"
+from tests.shared_docs import OBJECT_INFO as DEFAULT_OBJECT_INFO  # noqa: E402
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
 
 DEFAULT_MODELS = {

@@ -16,7 +16,7 @@ from generation.workflow_schema import (
     validate_workflow,
 )
 
-OBJECT_INFO_PATH = Path(__file__).resolve().parents[3] / "shared/protocols/object_info.json"
+from tests.shared_docs import OBJECT_INFO as OBJECT_INFO_PATH  # noqa: E402
 
 
 @pytest.fixture(scope="module")
