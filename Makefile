@@ -28,7 +28,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_jobs.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
