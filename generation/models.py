@@ -113,6 +113,7 @@ class VideoJob(models.Model):
     queue_position = models.IntegerField(null=True, blank=True)
     error = models.TextField(blank=True)
     cancel_requested = models.BooleanField(default=False)
+    unreachable_since = models.DateTimeField(null=True, blank=True, help_text="When ComfyUI stopped answering")
     note = models.CharField(max_length=300, blank=True, help_text="What happened that the user should know")
 
     video = models.FileField(upload_to="videos/%Y/%m/", max_length=300, blank=True)

@@ -136,6 +136,9 @@ def advance(job_id, deadline: float) -> bool:
             log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)
             return False
         _fail(job, f"{exc}" + (f" {TROUBLESHOOTING}" if exc.kind in ("unreachable", "timeout") else ""))
+    else:
+        if job.unreachable_since is not None:
+            VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
     finally:
         if conn is not None:
             conn.close()
@@ -185,9 +188,14 @@ class Connection:
 
 
 def _within_grace(job) -> bool:
-    """Whether an unreachable ComfyUI is still worth retrying for this job."""
-    since = job.status_changed_at or job.created_at
-    return (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE
+    """Whether an unreachable ComfyUI is still worth retrying for this job: for
+    UNREACHABLE_GRACE seconds since it was first found unreachable (a tunnel hiccup
+    must not fail a long run)."""
+    now = timezone.now()
+    if job.unreachable_since is None:
+        VideoJob.objects.filter(pk=job.pk, unreachable_since=None).update(unreachable_since=now)
+        job.unreachable_since = now
+    return (now - job.unreachable_since).total_seconds() < UNREACHABLE_GRACE
 
 
 def claim_ids(job):

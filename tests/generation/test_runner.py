@@ -4,6 +4,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 
 import pytest
 from django.core.files.base import ContentFile
@@ -385,3 +386,27 @@ def test_video_goes_to_r2_and_is_served_by_presigned_url(configured, user, setti
         assert httpx.get(url).content == configured.output_bytes(out["filename"], out["subfolder"])
     finally:
         s3.stop()
+
+
+def test_comfyui_hiccup_mid_run_does_not_fail_a_long_job(configured, user, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    comfy = configured
+    comfy.hold = threading.Event()
+    job = make_job(user)
+    runner.advance(job.id, deadline=0)
+    comfy.wait_held()
+    # The job has been running a long time when the tunnel drops for a moment.
+    VideoJob.objects.filter(pk=job.pk).update(status_changed_at=timezone.now() - timedelta(hours=1))
+    comfy.hang_paths = {"*"}
+    monkeypatch.setattr(runner, "client_for", lambda j: runner.ComfyUIClient(
+        j.comfyui_url, connect_timeout=0.5, read_timeout=0.5, retries=0))
+    assert runner.advance(job.id, deadline=time.monotonic() + 2) is False
+    job.refresh_from_db()
+    assert job.status == S.SUBMITTED and job.unreachable_since is not None
+    comfy.release_hangs()
+    comfy.hold.set()
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED and job.unreachable_since is None
