@@ -140,29 +140,35 @@ def submit(job, fal):
 
 
 def follow(job, fal, deadline):
+    """Poll fal's status URL (with backoff) until the request completes or `deadline`."""
     urls = job.provider_urls
+    wait = settings.I2V_FAL_POLL_SECONDS
     while True:
         job.refresh_from_db()
         if job.is_terminal or job.status == S.UPLOADING:
             return  # the webhook got there first
         state = fal.status(urls["status_url"])
         status = state.get("status")
+        fields = {}
+        logs = [entry.get("message", "") for entry in (state.get("logs") or []) if isinstance(entry, dict)]
+        if logs and logs[-1]:
+            fields["current_node"] = logs[-1][:100]
         if status == "IN_QUEUE":
-            position = state.get("queue_position")
-            if position != job.queue_position:
-                VideoJob.objects.filter(pk=job.pk).update(queue_position=position)
-        elif status == "IN_PROGRESS":
-            if job.status == S.SUBMITTED:
-                job.transition(S.RUNNING, queue_position=None, current_node="fal.ai")
+            fields["queue_position"] = state.get("queue_position")
+        elif status == "IN_PROGRESS" and job.status == S.SUBMITTED:
+            job.transition(S.RUNNING, queue_position=None, **fields)
+            fields = {}
         elif status == "COMPLETED":
             if state.get("error"):
                 raise FalJobFailed(f"fal.ai failed to generate the video: {state['error']}")
             take_result(job, fal.result(urls["response_url"]))
             return
-        wait = settings.I2V_FAL_POLL_SECONDS
+        if fields:
+            VideoJob.objects.filter(pk=job.pk, status=job.status).update(**fields)
         if time.monotonic() + wait >= deadline:
             return
         time.sleep(wait)  # fal's queue has no push channel but the webhook: poll politely
+        wait = min(max(wait * 1.5, 0.0), 10.0)
 
 
 def take_result(job, payload):
