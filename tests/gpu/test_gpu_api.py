@@ -256,3 +256,10 @@ def test_admin_saves_open_url_token_as_write_only_secret(client, staff):
     config.refresh_from_db()
     assert config.comfyui_url == "https://four-words.trycloudflare.com" and config.comfyui_token == "abc123"
     assert GpuConfigChange.objects.filter(field="comfyui_token", source="admin", new_value="(set)").exists()
+
+
+def test_private_networks_can_be_refused_by_a_setting(staff_api, comfy, settings):
+    assert probe(staff_api, comfy.url)["api_type"] == "comfyui"  # loopback/LAN allowed by default
+    settings.I2V_BLOCK_PRIVATE_NETWORKS = True
+    result = probe(staff_api, comfy.url)
+    assert result["reachable"] is False and "private and loopback addresses are disabled" in result["details"]["message"]
