@@ -69,7 +69,6 @@ import mimetypes
 import posixpath
 import random
 import re
-import socket
 import string
 import threading
 import time
@@ -83,6 +82,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.doubles.base import LoopServer  # noqa: E402
 from tests.shared_docs import OBJECT_INFO as DEFAULT_OBJECT_INFO  # noqa: E402
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
 
@@ -245,7 +245,9 @@ class _NodeFailed(Exception):
         self.exception_type = exception_type
 
 
-class ComfyUIDouble:
+class ComfyUIDouble(LoopServer):
+    name = "comfyui-double"
+
     def __init__(
         self,
         *,
@@ -312,70 +314,19 @@ class ComfyUIDouble:
             self._files[("input", sub, base)] = _Blob(data=data)
         self._reset_state()
 
-        self._loop = None
-        self._thread = None
-        self._runner = None
-        self._sock = None
-        self.port = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path_prefix}"
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def start(self):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        started = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._astart())
-            except BaseException as exc:  # surface startup failures in the test thread
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._astop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"comfyui-double-{self.port}", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self):
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
+    def url_suffix(self):
+        return self.path_prefix
 
     async def _astart(self):
         self._outbox = asyncio.Queue()
         self._stopping = asyncio.Event()
         app = web.Application(client_max_size=self.max_upload_size, middlewares=[self._middleware])
         self._add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        await self._serve(app)
         self._work = asyncio.Event()
         self._worker_task = asyncio.ensure_future(self._worker())
         self._publisher_task = asyncio.ensure_future(self._publisher())
@@ -388,19 +339,6 @@ class ComfyUIDouble:
         for ws, request in list(self._socket_requests.items()):
             _abort(request)
         await self._runner.cleanup()
-
-    def _call(self, fn, timeout=10):
-        """Run fn() on the server loop and return its result (thread-safe state access)."""
-        if threading.current_thread() is self._thread:
-            return fn()
-
-        async def wrapper():
-            result = fn()
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
 
     def _reset_state(self):
         self._pending: list[_Item] = []

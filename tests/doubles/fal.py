@@ -73,7 +73,6 @@ import ipaddress
 import json
 import random
 import re
-import socket
 import threading
 import time
 import uuid
@@ -85,6 +84,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+
+from tests.doubles.base import LoopServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
@@ -206,7 +207,9 @@ def _abort(request):
         transport.abort()
 
 
-class FalDouble:
+class FalDouble(LoopServer):
+    name = "fal-double"
+
     def __init__(
         self,
         *,
@@ -256,71 +259,15 @@ class FalDouble:
         self._fail_rules: list[dict] = []
 
         self._requests: dict[str, _Request] = {}  # touched only on the server loop
-        self._loop = None
-        self._thread = None
-        self._runner = None
-        self._sock = None
-        self.port = None
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def start(self):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        started = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._astart())
-            except BaseException as exc:  # surface startup failures in the test thread
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._astop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"fal-double-{self.port}", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self):
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._stopping.set)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
 
     async def _astart(self):
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         app = web.Application(middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        await self._serve(app)
 
     async def _astop(self):
         self._stopping.set()
@@ -335,21 +282,6 @@ class FalDouble:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    def _call(self, fn, timeout=10):
-        """Run fn() on the server loop and return its result (thread-safe state access)."""
-        if threading.current_thread() is self._thread:
-            return fn()
-
-        async def wrapper():
-            result = fn()
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
-
-    # ------------------------------------------------------------------ test-facing helpers
 
     def fail_http(self, pattern, *, times=1, status=500, body='{"detail": "Internal Server Error"}', content_type="application/json", method=None):
         """Answer the next `times` requests whose path matches `pattern` (fnmatch) with status and body."""

@@ -55,19 +55,19 @@ it, plus the double-only key ``destroyed``), ``live_instances()``, ``offer(id)``
 ``wait_for(predicate)``.
 """
 
-import asyncio
 import copy
 import fnmatch
 import json
 import secrets
 import shlex
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+from tests.doubles.base import LoopServer
 
 API_PREFIX = "/api/v0"
 OPERATORS = {"eq", "neq", "gt", "lt", "gte", "lte", "in", "notin"}
@@ -248,7 +248,9 @@ def _parse_env_string(text) -> dict:
     return env
 
 
-class VastAIDouble:
+class VastAIDouble(LoopServer):
+    name = "vastai-double"
+
     def __init__(
         self,
         *,
@@ -289,68 +291,15 @@ class VastAIDouble:
         self._next_instance_id = 25000001
         self._next_port = 41000
 
-        self._loop = None
-        self._thread = None
-        self._runner = None
-        self._sock = None
-        self.port = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def start(self):
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        started = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._astart())
-            except BaseException as exc:  # surface startup failures in the test thread
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"vastai-double-{self.port}", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self):
-        if self._loop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
+    url_suffix = API_PREFIX
 
     async def _astart(self):
         app = web.Application(middlewares=[self._middleware])
         self._add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock).start()
+        await self._serve(app)
 
     # ------------------------------------------------------------------ test-facing helpers
 

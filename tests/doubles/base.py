@@ -1,0 +1,96 @@
+"""What every test double shares: an aiohttp app on 127.0.0.1 (a free port) served from a
+background thread with its own asyncio loop, started and stopped from the test thread."""
+
+import asyncio
+import socket
+import threading
+
+
+class LoopServer:
+    """Subclasses implement `async _astart()` (build the app, call `_serve(app)`) and `async _astop()`."""
+
+    name = "double"
+    url_suffix = ""  # appended to http://127.0.0.1:PORT by `url`
+
+    _loop = None
+    _thread = None
+    _runner = None
+    _sock = None
+    port = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.url_suffix}"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        started = threading.Event()
+        failure = []
+
+        def run():
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._astart())
+            except BaseException as exc:  # surface startup failures in the test thread
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._astop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-{self.port}", daemon=True)
+        self._thread.start()
+        started.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self):
+        if self._loop is None or self._thread is None:
+            return
+        stopping = getattr(self, "_stopping", None)
+        if stopping is not None:
+            self._loop.call_soon_threadsafe(stopping.set)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._thread = None
+
+    async def _serve(self, app, **runner_kwargs):
+        from aiohttp import web
+
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, **runner_kwargs)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock).start()
+
+    async def _astart(self):
+        raise NotImplementedError
+
+    async def _astop(self):
+        await self._runner.cleanup()
+
+    def _call(self, fn, timeout=10):
+        """Run fn() on the server loop and return its result (thread-safe state access)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+
+        async def wrapper():
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
