@@ -174,14 +174,16 @@ def sync_shipped_workflows(Workflow, ModelFile) -> list[str]:
 
     by_name = {}
     for entry in load_manifest():
+        # A size/sha256 recorded by `upload_models_to_r2` survives a manifest that has none, while the R2 key stays.
+        known = ModelFile.objects.filter(name=entry["name"], r2_key=entry["r2_key"]).first()
         row, _ = ModelFile.objects.update_or_create(
             name=entry["name"],
             defaults={
                 "filename": entry["filename"],
                 "folder": entry["folder"],
                 "r2_key": entry["r2_key"],
-                "size": entry.get("size"),
-                "sha256": entry.get("sha256") or "",
+                "size": entry.get("size") if entry.get("size") is not None else (known.size if known else None),
+                "sha256": entry.get("sha256") or (known.sha256 if known else ""),
                 "source": entry.get("source") or "",
             },
         )

@@ -43,16 +43,39 @@ class JobFailed(Exception):
     pass
 
 
+class WaitingForGpu(Exception):
+    """No GPU is ready yet (a vast.ai instance is booting): the job stays `provisioning` and the
+    task comes back later."""
+
+
+GPU_WAIT_PAUSE = 5.0  # seconds a slice idles before handing a job that waits for a GPU back to the queue
+
+
 def target_for(job):
-    """(base_url, token, instance) where this job runs, or raises JobFailed."""
+    """(base_url, token, instance) where this job runs; raises JobFailed, or WaitingForGpu while
+    a vast.ai instance boots."""
     from gpu.models import GpuConfig
 
-    if job.comfyui_url:
-        config = GpuConfig.get()
-        return job.comfyui_url, config.comfyui_token, job.instance
     config = GpuConfig.get()
+    if job.comfyui_url:
+        if job.instance is not None and job.instance.comfyui_url == job.comfyui_url:
+            return job.comfyui_url, job.instance.web_password, job.instance
+        return job.comfyui_url, config.comfyui_token, job.instance
     if config.comfyui_url:
         return config.comfyui_url, config.comfyui_token, None
+    if config.gpu_provider == GpuConfig.Provider.VASTAI:
+        from gpu.provisioning import ProvisioningError, ensure_capacity_for
+
+        try:
+            instance = ensure_capacity_for(job)
+        except ProvisioningError as exc:
+            raise JobFailed(str(exc)) from None
+        if instance is None:
+            job.refresh_from_db()
+            if job.status == S.QUEUED:
+                job.transition(S.PROVISIONING)
+            raise WaitingForGpu(f"waiting for vast.ai instance {job.instance_id}")
+        return instance.comfyui_url, instance.web_password, instance
     raise JobFailed(
         "No GPU is configured: set a ComfyUI URL (admin → GPU configuration, or POST /api/gpu/config) "
         "or rent a vast.ai instance."
@@ -131,6 +154,10 @@ def advance(job_id, deadline: float) -> bool:
             store_output(job, conn.client)
     except JobFailed as exc:
         _fail(job, str(exc))
+    except WaitingForGpu:
+        # Nothing to do until the instance is ready: idle briefly rather than spin through the queue.
+        time.sleep(max(0.0, min(GPU_WAIT_PAUSE, deadline - time.monotonic())))
+        return False
     except ComfyUIError as exc:
         if exc.kind in ("unreachable", "timeout", "not_ready") and _within_grace(job):
             log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)

@@ -124,18 +124,70 @@ class GpuConfigChangeAdmin(admin.ModelAdmin):
 
 @admin.register(VastInstance)
 class VastInstanceAdmin(admin.ModelAdmin):
-    list_display = ("vast_id", "state", "gpu_name", "dph_total", "uptime", "cost", "created_at")
-    list_filter = ("state", "gpu_name")
+    list_display = ("vast_id", "state", "actual_status", "gpu_name", "dph_total", "uptime", "cost", "active_jobs",
+                    "status_msg", "created_at")
+    list_filter = ("state", "origin", "gpu_name")
     search_fields = ("vast_id", "gpu_name", "id", "comfyui_url")
     readonly_fields = (
         "id", "vast_id", "offer_id", "machine_id", "gpu_name", "num_gpus", "gpu_ram_mb", "dph_total", "state",
-        "status_msg", "error", "comfyui_url", "created_at", "state_changed_at", "ready_at", "last_busy_at",
-        "destroyed_at", "cost",
+        "actual_status", "status_msg", "error", "comfyui_url", "portal_url", "origin", "attempt", "created_by",
+        "created_at", "state_changed_at", "checked_at", "comfyui_seen_at", "ready_at", "last_busy_at",
+        "destroyed_at", "destroy_reason", "cost",
     )
-    exclude = ("web_password", "cost_usd")
+    exclude = ("web_password", "cost_usd", "provisioning_key")
+    actions = ["destroy_selected"]
+    change_list_template = "admin/gpu/vastinstance/change_list.html"
 
     def has_add_permission(self, request):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Deleting a row would orphan a paid rental; "Destroy" ends the rental and keeps the record.
+        return False
+
+    def get_urls(self):
+        return [
+            path("rent/", self.admin_site.admin_view(self.rent), name="gpu_vastinstance_rent"),
+        ] + super().get_urls()
+
+    def rent(self, request):
+        """POST: rent the cheapest GPU matching the policy (what the "Rent a GPU" buttons post to)."""
+        from gpu import provisioning
+
+        if request.method == "POST":
+            if not self.has_change_permission(request):
+                messages.error(request, "You may not rent vast.ai instances.")
+            else:
+                try:
+                    instance = provisioning.create_instance(user=request.user)
+                except provisioning.ProvisioningError as exc:
+                    messages.error(request, f"No instance rented: {exc}")
+                else:
+                    messages.success(request, f"Rented vast.ai instance {instance.vast_id} ({instance.gpu_name}, "
+                                              f"${instance.dph_total:.3f}/h); it is booting and becomes ready in a few minutes.")
+        return redirect(reverse("admin:gpu_vastinstance_changelist"))
+
+    @admin.action(description="Destroy selected instances (stops billing)")
+    def destroy_selected(self, request, queryset):
+        from gpu import provisioning
+
+        done, failed = 0, []
+        for instance in queryset:
+            try:
+                provisioning.destroy_instance(instance, f"destroyed by {request.user.get_username()} in the admin")
+                done += 1
+            except provisioning.ProvisioningError as exc:
+                failed.append(f"{instance.vast_id}: {exc}")
+        if done:
+            messages.success(request, f"Destroyed {done} instance(s).")
+        for line in failed:
+            messages.error(request, f"Not destroyed (retried by the reconciler) — {line}")
+
+    @admin.display(description="Active jobs")
+    def active_jobs(self, obj):
+        from generation.models import VideoJob
+
+        return obj.jobs.filter(status__in=VideoJob.ACTIVE).count()
 
     @admin.display(description="Uptime")
     def uptime(self, obj):

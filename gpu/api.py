@@ -1,10 +1,13 @@
 """The /api/gpu/* and /api/vastai/* routes."""
 
+import uuid
+from datetime import datetime
 from typing import Literal, Optional
 
 from django.conf import settings
-from ninja import Router, Schema
+from ninja import Field, Query, Router, Schema
 from ninja.errors import HttpError
+from ninja.responses import Status
 from pydantic import ConfigDict, field_validator
 
 from gpu import domain
@@ -142,3 +145,151 @@ def health(request):
     from gpu.health import health_report
 
     return health_report(GpuConfig.get())
+
+
+# ---------------------------------------------------------------------- vast.ai offers and instances
+
+
+class OfferOut(Schema):
+    id: int
+    gpu_name: str
+    num_gpus: int
+    vram_gb: Optional[float]
+    dph: float
+    reliability: Optional[float]
+    location: str
+    inet_down: Optional[float]
+    machine_id: Optional[int]
+    verified: bool
+
+
+class InstanceOut(Schema):
+    id: str
+    vast_id: Optional[int]
+    label: str
+    state: str
+    actual_status: Optional[str]
+    status_msg: Optional[str]
+    error: Optional[str]
+    offer_id: Optional[int]
+    machine_id: Optional[int]
+    gpu_name: str
+    num_gpus: int
+    vram_gb: Optional[float]
+    dph: float
+    cost_usd: float
+    comfyui_url: Optional[str]
+    origin: str
+    active_jobs: int
+    created_at: datetime
+    ready_at: Optional[datetime]
+    last_busy_at: Optional[datetime]
+    destroyed_at: Optional[datetime]
+    destroy_reason: Optional[str]
+
+
+class InstanceList(Schema):
+    items: list[InstanceOut]
+    count: int
+    spend_today_usd: float
+    max_daily_spend_usd: float
+
+
+class CreateInstanceIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    offer_id: Optional[int] = Field(default=None, gt=0)
+
+
+class VastError(Schema):
+    detail: str
+
+
+def _provisioning_error(exc) -> HttpError:
+    return HttpError(exc.status, exc.message)
+
+
+def _require_staff_for(request, what):
+    if not request.auth.is_staff:
+        raise HttpError(403, f"Only staff can {what}.")
+
+
+@router.get("/vastai/offers", response={200: list[OfferOut], 422: VastError, 503: VastError},
+            summary="Cheapest vast.ai offers matching the GPU policy")
+def vastai_offers(request, limit: int = 10, min_vram_gb: Optional[float] = None, max_dph: Optional[float] = None,
+                  gpu_names: Optional[str] = None):
+    from gpu import provisioning
+
+    if not 1 <= limit <= 50:
+        raise HttpError(422, "limit: must be between 1 and 50")
+    if min_vram_gb is not None and not 0 < min_vram_gb <= 1024:
+        raise HttpError(422, "min_vram_gb: must be between 0 and 1024")
+    if max_dph is not None and not 0 < max_dph <= 128:
+        raise HttpError(422, "max_dph: must be between 0 and 128 $/hour")
+    names = [n.strip() for n in gpu_names.split(",") if n.strip()] if gpu_names else None
+    try:
+        offers = provisioning.search_offers(limit=limit, min_vram_gb=min_vram_gb, max_dph=max_dph, gpu_names=names)
+    except provisioning.ProvisioningError as exc:
+        raise _provisioning_error(exc) from None
+    return [provisioning.offer_json(o) for o in offers]
+
+
+@router.get("/vastai/instances", response=InstanceList, summary="vast.ai instances (live ones; ?all=true for history)")
+def vastai_instances(request, show_all: bool = Query(False, alias="all")):
+    from gpu import provisioning
+
+    qs = VastInstance.objects.order_by("-created_at")
+    if not show_all:
+        qs = qs.exclude(state=VastInstance.State.DESTROYED).exclude(state=VastInstance.State.FAILED, destroyed_at__isnull=False)
+    rows = list(qs[:200])
+    config = GpuConfig.get()
+    return {"items": [provisioning.instance_json(i) for i in rows], "count": len(rows),
+            "spend_today_usd": float(provisioning.spend_today()), "max_daily_spend_usd": float(config.max_daily_spend)}
+
+
+@router.post("/vastai/instances", response={202: InstanceOut, 403: VastError, 409: VastError, 422: VastError, 503: VastError},
+             summary="Rent a vast.ai GPU (the given offer, else the cheapest matching one)")
+def vastai_create_instance(request, payload: CreateInstanceIn = None):
+    from gpu import provisioning
+
+    _require_staff_for(request, "rent vast.ai instances")
+    offer_id = payload.offer_id if payload is not None else None
+    try:
+        instance = provisioning.create_instance(offer_id=offer_id, user=request.auth)
+    except provisioning.ProvisioningError as exc:
+        raise _provisioning_error(exc) from None
+    return Status(202, provisioning.instance_json(instance))
+
+
+def _instance_by_public_id(value: str) -> VastInstance:
+    value = value.strip()
+    try:
+        lookup = {"vast_id": int(value)} if value.isdigit() else {"pk": uuid.UUID(value)}
+    except ValueError:
+        raise HttpError(404, "No such instance: use its id (a UUID) or its vast.ai id.") from None
+    instance = VastInstance.objects.filter(**lookup).first()
+    if instance is None:
+        raise HttpError(404, "No such instance.")
+    return instance
+
+
+@router.get("/vastai/instances/{instance_id}", response={200: InstanceOut, 404: VastError}, summary="One vast.ai instance")
+def vastai_instance(request, instance_id: str):
+    from gpu import provisioning
+
+    return provisioning.instance_json(_instance_by_public_id(instance_id))
+
+
+@router.delete("/vastai/instances/{instance_id}", response={200: InstanceOut, 403: VastError, 404: VastError, 409: VastError,
+                                                            503: VastError},
+               summary="Destroy a vast.ai instance (billing stops)")
+def vastai_destroy_instance(request, instance_id: str):
+    from gpu import provisioning
+
+    _require_staff_for(request, "destroy vast.ai instances")
+    instance = _instance_by_public_id(instance_id)
+    try:
+        instance = provisioning.destroy_instance(instance, f"destroyed by {request.auth.get_username()} through the API")
+    except provisioning.ProvisioningError as exc:
+        raise _provisioning_error(exc) from None
+    return provisioning.instance_json(instance)

@@ -110,6 +110,12 @@ class VastInstance(models.Model):
         State.DESTROYED: set(),
     }
     LIVE = (State.CREATING, State.LOADING, State.RUNNING)
+    BOOTING = (State.CREATING, State.LOADING)
+
+    class Origin(models.TextChoices):
+        MANUAL = "manual"  # the API, the admin or a management command
+        JOB = "job"  # a job needed a GPU and none was live
+        SCALE_OUT = "scale-out"  # jobs waited too long
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vast_id = models.BigIntegerField(null=True, blank=True, unique=True)
@@ -131,6 +137,17 @@ class VastInstance(models.Model):
     last_busy_at = models.DateTimeField(null=True, blank=True)
     destroyed_at = models.DateTimeField(null=True, blank=True)
     cost_usd = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal("0"))
+
+    # Provisioning bookkeeping (gpu.provisioning).
+    origin = models.CharField(max_length=12, choices=Origin.choices, default=Origin.MANUAL)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a first rental, 2+ for a replacement of a machine that died")
+    actual_status = models.CharField(max_length=20, blank=True, help_text="vast.ai's actual_status when last checked")
+    checked_at = models.DateTimeField(null=True, blank=True, help_text="When vast.ai was last asked about it")
+    comfyui_seen_at = models.DateTimeField(null=True, blank=True, help_text="When ComfyUI first answered")
+    portal_url = models.URLField(max_length=500, blank=True)
+    provisioning_key = models.CharField(max_length=300, blank=True, help_text="R2 key of its generated provisioning script")
+    destroy_reason = models.CharField(max_length=300, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -163,8 +180,31 @@ class VastInstance(models.Model):
                 setattr(self, key, value)
         return won
 
+    @property
+    def label(self) -> str:
+        """The vast.ai label that ties a rented instance to this row (the reconciler reads it)."""
+        return f"i2v:{self.id}"
+
+    @property
+    def vram_gb(self):
+        return round(self.gpu_ram_mb / 1024, 1) if self.gpu_ram_mb else None
+
     def accrued_cost(self, now=None) -> Decimal:
         """$/hour × time since creation (until destroyed)."""
         end = self.destroyed_at or now or timezone.now()
         seconds = max(0.0, (end - self.created_at).total_seconds())
         return (self.dph_total * Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.0001"))
+
+
+class BadMachine(models.Model):
+    """A vast.ai machine an instance died on while booting; offers on it are skipped for a while."""
+
+    machine_id = models.BigIntegerField(unique=True)
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"BadMachine {self.machine_id}"

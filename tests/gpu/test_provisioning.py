@@ -1,0 +1,588 @@
+"""The vast.ai lifecycle in gpu.provisioning, against the vast.ai and ComfyUI doubles over HTTP."""
+
+import logging
+import subprocess
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from generation.models import ModelFile, VideoJob, Workflow
+from gpu import provisioning, tasks
+from gpu.models import BadMachine, GpuConfig, VastInstance
+from gpu.vastai import ENV_VALUE_MAX, ONSTART_MAX
+from tests.conftest import free_port
+from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
+from tests.gpu.vast_helpers import CHEAPEST_MATCHING, NEXT_CHEAPEST, boot_to_ready, live_vast_ids, rent
+from tests.helpers import StaticServer
+
+pytestmark = pytest.mark.django_db
+I = VastInstance.State
+
+
+def make_job(owner, status=VideoJob.Status.QUEUED, **kw):
+    return VideoJob.objects.create(owner=owner, input_image="inputs/x.png", prompt="p", workflow_slug="smoke",
+                                   width=64, height=64, frames=17, fps=8, status=status, **kw)
+
+
+# ---------------------------------------------------------------------- offers
+
+
+def test_search_offers_follow_the_policy_cheapest_first(policy, vast):
+    offers = provisioning.search_offers(limit=10)
+
+    ids = [o["id"] for o in offers]
+    assert ids[0] == CHEAPEST_MATCHING
+    assert [o["dph_total"] for o in offers] == sorted(o["dph_total"] for o in offers)
+    # Unverified, unreliable, slow-line, 12 GB and over-$1 offers are left out.
+    assert not {7310002, 7310004, 7310006, 7310008, 7310010, 7310005} & set(ids)
+    body = vast.requests_to("POST", "/bundles/")[-1].json
+    assert body["gpu_ram"] == {"gte": 24000} and body["reliability"] == {"gte": 0.98}
+    assert body["inet_down"] == {"gte": 500.0} and body["verified"] == {"eq": True}
+    assert body["direct_port_count"] == {"gte": 4} and body["allocated_storage"] == 80.0
+
+
+def test_search_offers_gpu_names_and_bad_machines_narrow_the_result(policy, vast):
+    policy.gpu_names = "RTX 5090, RTX 4090"
+    policy.save()
+    BadMachine.objects.create(machine_id=41001, reason="exited last time")
+
+    offers = [provisioning.offer_json(o) for o in provisioning.search_offers()]
+
+    assert {o["gpu_name"] for o in offers} <= {"RTX 5090", "RTX 4090"}
+    assert CHEAPEST_MATCHING not in {o["id"] for o in offers}
+    assert offers[0] == {"id": NEXT_CHEAPEST, "gpu_name": "RTX 5090", "num_gpus": 1, "vram_gb": 31.8,
+                         "dph": offers[0]["dph"], "reliability": 0.995, "location": "Prague, CZ", "inet_down": 850.0,
+                         "machine_id": 41007, "verified": True}
+    assert offers[0]["dph"] == 0.5647  # $0.548/h for the GPU + 80 GB of disk at $0.15/GB/month
+
+
+# ---------------------------------------------------------------------- create
+
+
+def test_create_instance_rents_the_cheapest_offer_with_password_ports_and_label(policy, vast, caplog):
+    caplog.set_level(logging.DEBUG)
+    instance = rent()
+
+    assert instance.state == I.CREATING and instance.vast_id in live_vast_ids(vast)
+    assert instance.offer_id == CHEAPEST_MATCHING and instance.gpu_name == "RTX 4090" and instance.machine_id == 41001
+    assert instance.dph_total == Decimal("0.3617")  # $/hour with the disk
+    body = vast.requests_to("PUT", f"/asks/{CHEAPEST_MATCHING}/")[-1].json
+    env = body["env"]
+    assert body["label"] == f"i2v:{instance.id}" and vast.instances[instance.vast_id]["label"] == instance.label
+    assert env["WEB_PASSWORD"] == instance.web_password and len(instance.web_password) >= 24
+    assert env["-p 8188:8188"] == "1" and env["-p 1111:1111"] == "1"
+    assert env["OPEN_BUTTON_PORT"] == "1111" and env["OPEN_BUTTON_TOKEN"] == "1"
+    assert "localhost:8188:18188" in env["PORTAL_CONFIG"] and env["PROVISIONING_SCRIPT"] == "file:///provisioning.sh"
+    assert all(len(v) <= ENV_VALUE_MAX for v in env.values())
+    assert body["image"] == policy.docker_image and body["disk"] == 80 and body["runtype"] == "jupyter_direct"
+    onstart = body["onstart"]
+    assert len(onstart) <= ONSTART_MAX and onstart.rstrip().endswith("entrypoint.sh")
+    assert "cat > /provisioning.sh" in onstart and "ComfyUI-GGUF" in onstart
+    # The password is never logged, never shown.
+    assert instance.web_password not in caplog.text
+    assert instance.web_password not in str(provisioning.instance_json(instance))
+
+
+def test_create_instance_without_api_key_says_what_to_set(policy, settings, vast):
+    settings.VASTAI_API_KEY = ""
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent()
+
+    assert "set VASTAI_API_KEY" in str(err.value) and err.value.status == 503
+    assert vast.count("PUT", "/asks/*") == 0 and not VastInstance.objects.exists()
+
+
+def test_create_instance_at_max_instances_is_refused(policy, vast):
+    rent()
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent()
+
+    assert "At the limit of 1 vast.ai instance" in str(err.value) and err.value.status == 409
+    assert len(live_vast_ids(vast)) == 1
+
+
+def test_create_instance_over_the_daily_spend_cap_is_refused(policy, vast):
+    now = timezone.now()
+    # An earlier rental today at $2/h (counted from midnight UTC at the earliest).
+    VastInstance.objects.create(vast_id=1, state=I.DESTROYED, dph_total=Decimal("2"), created_at=now - timedelta(hours=1),
+                                destroyed_at=now)
+    spent = provisioning.spend_today()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert spent == (Decimal(2) * Decimal((now - max(midnight, now - timedelta(hours=1))).total_seconds()) / 3600).quantize(Decimal("0.0001"))
+    policy.max_daily_spend = spent + Decimal("0.30")  # less than an hour of the cheapest offer
+    policy.save()
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent()
+
+    assert "Daily spend cap" in str(err.value) and f"${spent:.2f} already spent" in str(err.value)
+    assert vast.count("PUT", "/asks/*") == 0 and VastInstance.objects.count() == 1
+
+
+def test_create_instance_takes_the_next_offer_when_one_vanishes(policy, vast):
+    vast.fail_http(f"/asks/{CHEAPEST_MATCHING}/", status=410,
+                   body={"success": False, "error": "no_such_ask", "msg": "error 410/3907: ask is no longer available"})
+
+    instance = rent()
+
+    assert instance.offer_id == NEXT_CHEAPEST and instance.gpu_name == "RTX 5090" and instance.machine_id == 41007
+    assert vast.count("PUT", "/asks/*") == 2 and live_vast_ids(vast) == [instance.vast_id]
+
+
+def test_create_instance_for_an_offer_outside_the_policy_is_refused(policy, vast):
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent(offer_id=7310008)  # a 12 GB RTX 3060
+
+    assert "Offer 7310008 is not available or does not match the GPU policy" in str(err.value)
+    assert "≥ 24 GB VRAM" in str(err.value) and vast.count("PUT", "/asks/*") == 0
+
+
+def test_create_instance_with_no_matching_offer_says_to_widen_the_policy(policy, vast):
+    policy.max_dph = Decimal("0.05")
+    policy.save()
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent()
+
+    assert "No vast.ai offer matches the GPU policy" in str(err.value) and "≤ $0.05/h" in str(err.value)
+
+
+def test_models_without_r2_are_refused_before_renting(policy, vast):
+    policy.default_workflow = "wan22-i2v"
+    policy.save()
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        rent()
+
+    assert "needs 5 model file(s)" in str(err.value) and "R2_BUCKET" in str(err.value)
+    assert "upload_models_to_r2" in str(err.value)
+    assert vast.count("PUT", "/asks/*") == 0 and not VastInstance.objects.exists()
+
+
+def test_small_manifest_goes_inline_with_presigned_urls(policy, vast, r2_settings):
+    policy.default_workflow = "wan22-i2v"
+    policy.save()
+    wf = Workflow.objects.get(slug="wan22-i2v")
+    wf.model_files.set(ModelFile.objects.filter(name="wan21-vae"))
+    ModelFile.objects.filter(name="wan21-vae").update(size=1234, sha256="ab" * 32)
+
+    instance = rent()
+
+    onstart = vast.requests_to("PUT", "/asks/*")[-1].json["onstart"]
+    assert len(onstart) <= ONSTART_MAX and onstart.count("X-Amz-Signature=") == 1
+    assert "/i2v-models/models/vae/wan_2.1_vae.safetensors?" in onstart
+    assert "'vae/wan_2.1_vae.safetensors' '1234' '" + "ab" * 32 + "'" in onstart
+    assert instance.provisioning_key == "" and "Contents" not in r2_settings.list_objects_v2(Bucket="i2v-models")
+
+
+def test_large_manifest_goes_through_one_presigned_url_of_a_short_lived_script(policy, vast, comfy, r2_settings):
+    policy.default_workflow = "wan22-i2v"
+    policy.save()
+    wf = Workflow.objects.get(slug="wan22-i2v")
+    for n in range(4):  # more models than an onstart can hold presigned URLs for
+        wf.model_files.add(ModelFile.objects.create(name=f"extra-{n}", filename=f"extra_{n}.safetensors", folder="loras",
+                                                    r2_key=f"models/loras/extra_{n}.safetensors"))
+
+    instance = rent()
+
+    onstart = vast.requests_to("PUT", "/asks/*")[-1].json["onstart"]
+    assert len(onstart) <= ONSTART_MAX and onstart.count("X-Amz-Signature=") == 1
+    key = f"i2v/provisioning/{instance.id}.sh"
+    assert instance.provisioning_key == key and key in onstart
+    script = r2_settings.get_object(Bucket="i2v-models", Key=key)["Body"].read().decode()
+    assert script.count("X-Amz-Signature=") == 9  # one presigned URL per model of the manifest
+    assert "'unet/Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf' '' ''" in script and "'loras/extra_3.safetensors'" in script
+    # Once ready, the script (it holds presigned URLs) is deleted.
+    boot_to_ready(instance, vast, comfy)
+    assert "Contents" not in r2_settings.list_objects_v2(Bucket="i2v-models", Prefix="i2v/provisioning/")
+
+
+def test_provisioning_script_downloads_checks_and_skips_models(policy, r2_settings, tmp_path):
+    """The generated script, run by bash with curl against presigned URLs of a real S3 server."""
+    good, bad = b"gguf weights " * 1000, b"vae weights " * 500
+    import hashlib
+
+    r2_settings.put_object(Bucket="i2v-models", Key="models/unet/a.gguf", Body=good)
+    r2_settings.put_object(Bucket="i2v-models", Key="models/vae/b.safetensors", Body=bad)
+    models = [
+        ModelFile(name="a", filename="a.gguf", folder="unet", r2_key="models/unet/a.gguf", size=len(good),
+                  sha256=hashlib.sha256(good).hexdigest()),
+        ModelFile(name="b", filename="b.safetensors", folder="vae", r2_key="models/vae/b.safetensors", size=len(bad),
+                  sha256="0" * 64),  # wrong on purpose
+    ]
+    urls = {m.name: provisioning.r2.presigned_get(m.r2_key, 600) for m in models}
+    script = tmp_path / "provisioning.sh"
+    script.write_text(provisioning.provisioning_script(models, urls))
+    comfy_dir = tmp_path / "ComfyUI"
+    (comfy_dir / "custom_nodes" / "ComfyUI-GGUF").mkdir(parents=True)  # already installed: no git clone
+    env = {"PATH": "/usr/bin:/bin", "COMFYUI_DIR": str(comfy_dir), "HOME": str(tmp_path)}
+
+    first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert (comfy_dir / "models/unet/a.gguf").read_bytes() == good
+    assert not (comfy_dir / "models/vae/b.safetensors").exists() and "b.safetensors has the wrong sha256" in first.stdout
+    second = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert "unet/a.gguf is already there" in second.stdout
+
+
+# ---------------------------------------------------------------------- wait until ready
+
+
+def test_instance_boots_through_loading_and_the_portal_placeholder_to_ready(policy, vast, comfy):
+    instance = rent()
+    comfy.token = instance.web_password
+
+    step = provisioning.wait_until_ready(instance)
+    assert not step.done and step.delay >= provisioning.POLL_MIN
+    instance.refresh_from_db()
+    assert instance.state == I.CREATING and instance.actual_status == "" and instance.checked_at
+
+    vast.advance(instance.vast_id, "loading")
+    provisioning.wait_until_ready(instance)
+    instance.refresh_from_db()
+    assert instance.state == I.LOADING and instance.actual_status == "loading" and "Pulling image" in instance.status_msg
+
+    vast.advance(instance.vast_id, "running")
+    assert not provisioning.wait_until_ready(instance).done  # the container runs; ComfyUI is still provisioning
+    instance.refresh_from_db()
+    assert instance.state == I.LOADING and instance.status_msg.startswith("ComfyUI is still starting")
+    assert comfy.count("GET", "/system_stats") == 1
+
+    comfy.placeholder = False
+    step = provisioning.wait_until_ready(instance)
+    instance.refresh_from_db()
+    assert step.done and instance.state == I.RUNNING and instance.ready_at
+    assert instance.comfyui_url == f"http://127.0.0.1:{comfy.port}"
+    assert instance.status_msg.startswith("Ready")
+    # Every ComfyUI call carried the instance's password (the double answers 401 otherwise).
+    assert {r.headers.get("Authorization") for r in comfy.requests} == {f"Bearer {instance.web_password}"}
+
+
+def test_wait_honours_a_429_from_vast(policy, vast):
+    instance = rent()
+    vast.rate_limit("/instances/*", method="GET", retry_after=7)
+
+    step = provisioning.wait_until_ready(instance)
+
+    assert not step.done and step.delay == 7 and "rate-limiting" in step.message
+    instance.refresh_from_db()
+    assert instance.state == I.CREATING and instance.checked_at is None
+    vast.advance(instance.vast_id, "loading")
+    provisioning.wait_until_ready(instance)
+    instance.refresh_from_db()
+    assert instance.state == I.LOADING
+
+
+def test_ports_come_from_the_list_when_the_by_id_answer_lacks_them(policy, vast, comfy):
+    vast.show_includes_ports = False
+    instance = rent()
+
+    ready = boot_to_ready(instance, vast, comfy)
+
+    assert ready.comfyui_url == f"http://127.0.0.1:{comfy.port}" and vast.count("GET", "/instances/") >= 1
+
+
+def test_instance_that_exits_is_destroyed_and_replaced_on_another_machine(policy, vast):
+    first = rent()
+    vast.advance(first.vast_id, "exited")
+
+    step = provisioning.wait_until_ready(first)
+
+    first.refresh_from_db()
+    assert step.done and first.state == I.FAILED and first.destroyed_at
+    assert "went exited on machine 41001" in first.error and "Error response from daemon" in first.error
+    assert vast.instances[first.vast_id]["destroyed"]
+    assert BadMachine.objects.filter(machine_id=41001).exists()
+    second = VastInstance.objects.get(state=I.CREATING)
+    assert second.attempt == 2 and second.machine_id != 41001 and second.offer_id == NEXT_CHEAPEST
+    assert live_vast_ids(vast) == [second.vast_id]
+
+
+def test_replacements_stop_after_three_dead_machines(policy, vast):
+    policy.max_instances = 1
+    policy.save()
+    rent()
+    for _ in range(provisioning.MAX_BOOT_ATTEMPTS):
+        row = VastInstance.objects.get(state=I.CREATING)
+        vast.advance(row.vast_id, "offline")
+        provisioning.wait_until_ready(row)
+
+    assert VastInstance.objects.filter(state=I.FAILED).count() == 3
+    assert not VastInstance.objects.filter(state__in=VastInstance.LIVE).exists() and live_vast_ids(vast) == []
+    assert BadMachine.objects.count() == 3
+
+
+def test_boot_timeout_destroys_the_instance_and_fails_it(policy, vast):
+    instance = rent()
+    vast.advance(instance.vast_id, "loading")
+    provisioning.wait_until_ready(instance)
+    VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=31))
+
+    step = provisioning.wait_until_ready(instance)
+
+    instance.refresh_from_db()
+    assert step.done and instance.state == I.FAILED and instance.destroyed_at
+    assert "did not become ready within 30 minutes" in instance.error and "Pulling image" in instance.error
+    assert live_vast_ids(vast) == [] and VastInstance.objects.count() == 1  # no replacement for a slow boot
+    assert instance.cost_usd > 0
+
+
+def test_ready_needs_the_workflow_model_files(policy, vast, comfy):
+    policy.default_workflow = "wan22-i2v"
+    policy.save()
+    Workflow.objects.get(slug="wan22-i2v").model_files.clear()  # nothing to download; the graph still needs them
+    comfy.models = {"vae": ["wan_2.1_vae.safetensors"]}
+    instance = rent()
+    vast.advance(instance.vast_id, "running")
+    comfy.token, comfy.placeholder = instance.web_password, False
+
+    step = provisioning.wait_until_ready(instance)
+
+    instance.refresh_from_db()
+    assert not step.done and instance.state == I.LOADING and "waiting for model files" in instance.status_msg
+    assert "unet_gguf/Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf" in instance.status_msg
+    VastInstance.objects.filter(pk=instance.pk).update(comfyui_seen_at=timezone.now() - timedelta(minutes=3))
+    provisioning.wait_until_ready(instance)
+    instance.refresh_from_db()
+    assert instance.state == I.FAILED and "ComfyUI started without 4 model file(s)" in instance.error
+    assert live_vast_ids(vast) == []
+
+
+def test_tunnel_from_the_portal_is_used_when_the_direct_port_is_closed(policy, vast, comfy):
+    vast.comfyui_port = free_port()  # nothing listens there
+    with StaticServer({"/get-all-quick-tunnels": (200, {"Content-Type": "application/json"},
+                                                  f'[{{"targetUrl":"http://localhost:8188","tunnelUrl":"{comfy.url}"}},'
+                                                  f'{{"targetUrl":"http://localhost:1111","tunnelUrl":"https://x"}}]'.encode())}) as portal:
+        vast.portal_port = int(portal.url.rsplit(":", 1)[1])
+        instance = boot_to_ready(rent(), vast, comfy)
+
+    assert instance.comfyui_url == comfy.url and instance.portal_url == portal.url
+
+
+def test_wrong_password_at_comfyui_fails_without_retrying(policy, vast, comfy):
+    instance = rent()
+    vast.advance(instance.vast_id, "running")
+    comfy.token, comfy.placeholder = "not-the-instance-password", False
+
+    assert provisioning.wait_until_ready(instance).done
+
+    instance.refresh_from_db()
+    assert instance.state == I.FAILED and "rejected its WEB_PASSWORD" in instance.error
+    assert live_vast_ids(vast) == [] and VastInstance.objects.count() == 1
+
+
+def test_wait_task_hands_itself_back_until_ready(policy, vast, comfy, queued, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        instance = rent()
+    assert ("gpu.tasks.wait_for_instance", str(instance.pk)) in queued  # enqueued by the rental
+    queued.clear()
+
+    assert tasks.wait_for_instance(str(instance.pk)) == "continued"
+    assert queued == [("gpu.tasks.wait_for_instance", str(instance.pk))]
+    vast.advance(instance.vast_id, "running")
+    comfy.token, comfy.placeholder = instance.web_password, False
+    assert tasks.wait_for_instance(str(instance.pk)) == "ready"
+    assert tasks.wait_for_instance(str(instance.pk)) == "done"  # a duplicate delivery is harmless
+    assert len(queued) == 1
+
+
+# ---------------------------------------------------------------------- destroy, reap, reconcile
+
+
+def test_destroy_is_idempotent_and_accepts_an_instance_vast_already_lost(policy, vast, comfy):
+    instance = boot_to_ready(rent(), vast, comfy)
+
+    provisioning.destroy_instance(instance, "test")
+    provisioning.destroy_instance(instance, "test again")
+
+    instance.refresh_from_db()
+    assert instance.state == I.DESTROYED and instance.destroyed_at and instance.destroy_reason == "test"
+    assert vast.count("DELETE", "/instances/*") == 1 and live_vast_ids(vast) == []
+    other = rent()
+    with provisioning.vast_client() as client:
+        client.destroy_instance(other.vast_id)  # destroyed outside i2v
+    provisioning.destroy_instance(other, "cleanup")
+    other.refresh_from_db()
+    assert other.state == I.DESTROYED and "vast.ai no longer had it" in other.status_msg
+
+
+def test_destroy_while_vast_is_unreachable_stays_destroying_until_the_reconciler(policy, vast, settings):
+    instance = rent()
+    settings.VASTAI_API_URL = f"http://127.0.0.1:{free_port()}/api/v0"
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        provisioning.destroy_instance(instance, "operator")
+
+    assert err.value.status == 503 and "Cannot reach vast.ai" in str(err.value)
+    instance.refresh_from_db()
+    assert instance.state == I.DESTROYING and "will retry" in instance.status_msg
+    settings.VASTAI_API_URL = vast.url
+    report = provisioning.reconcile()
+    instance.refresh_from_db()
+    assert report["retried"] == [instance.vast_id] and instance.state == I.DESTROYED and live_vast_ids(vast) == []
+
+
+def test_reap_idle_destroys_only_instances_idle_past_the_limit(policy, vast, comfy, user):
+    policy.max_instances = 3
+    policy.save()
+    idle, recent, busy = (boot_to_ready(rent(), vast, comfy) for _ in range(3))
+    long_ago = timezone.now() - timedelta(minutes=policy.idle_minutes + 1)
+    VastInstance.objects.filter(pk__in=[idle.pk, busy.pk]).update(created_at=long_ago, ready_at=long_ago,
+                                                                   last_busy_at=long_ago)
+    make_job(user, status=VideoJob.Status.RUNNING, instance=busy)
+
+    reaped = provisioning.reap_idle()
+
+    assert [i.pk for i in reaped] == [idle.pk]
+    states = dict(VastInstance.objects.values_list("pk", "state"))
+    assert states == {idle.pk: I.DESTROYED, recent.pk: I.RUNNING, busy.pk: I.RUNNING}
+    assert sorted(live_vast_ids(vast)) == sorted([recent.vast_id, busy.vast_id])
+    idle.refresh_from_db()
+    assert "idle for more than 15 min" in idle.status_msg and idle.cost_usd > 0
+
+
+def test_reap_idle_counts_from_the_last_job_finishing(policy, vast, comfy, user):
+    instance = boot_to_ready(rent(), vast, comfy)
+    long_ago = timezone.now() - timedelta(hours=1)
+    VastInstance.objects.filter(pk=instance.pk).update(ready_at=long_ago, last_busy_at=long_ago)
+    make_job(user, status=VideoJob.Status.COMPLETED, instance=instance, finished_at=timezone.now() - timedelta(minutes=2))
+
+    assert provisioning.reap_idle() == []
+    assert tasks.reap_idle() == "reaped 0"
+
+
+def test_reconcile_destroys_unknown_and_known_destroyed_rentals_and_marks_vanished_rows(policy, vast):
+    known = rent()
+    with provisioning.vast_client() as client:
+        stray = client.create_instance(CHEAPEST_MATCHING + 4, image="x", disk_gb=10, env={}, onstart="",
+                                       label="i2v:00000000-0000-0000-0000-000000000000")["id"]
+        foreign = client.create_instance(NEXT_CHEAPEST, image="x", disk_gb=10, env={}, onstart="",
+                                         label="someone-elses-box")["id"]
+        zombie = client.create_instance(7310003, image="x", disk_gb=10, env={}, onstart="", label="i2v:zombie")["id"]
+        client.destroy_instance(known.vast_id)  # gone behind our back
+    dead_row = VastInstance.objects.create(vast_id=zombie, state=I.DESTROYED, destroyed_at=timezone.now())
+    VastInstance.objects.filter(pk=known.pk).update(created_at=timezone.now() - timedelta(minutes=5))
+
+    report = provisioning.reconcile()
+
+    assert sorted(report["destroyed"]) == sorted([stray, zombie]) and report["marked_gone"] == [known.vast_id]
+    assert live_vast_ids(vast) == [foreign]  # not labelled i2v: — not ours, left alone
+    known.refresh_from_db()
+    assert known.state == I.DESTROYED and "no longer has" in known.status_msg
+    assert dead_row.pk and provisioning.reconcile() == {key: [] for key in report}
+    with provisioning.vast_client() as client:
+        client.destroy_instance(foreign)
+
+
+def test_reconcile_adopts_a_rental_whose_answer_was_lost(policy, vast, queued):
+    vast.fail_http("/asks/*", status=502, body="bad gateway")  # the rental happens, the answer is lost...
+    with pytest.raises(provisioning.ProvisioningError):
+        rent()
+    row = VastInstance.objects.get()
+    assert row.state == I.FAILED and row.vast_id is None  # ...and the double rented nothing: a 502 before creating
+    assert live_vast_ids(vast) == []
+
+    # A reservation whose rental did happen (the worker died before storing the id) is adopted by its label.
+    orphan = VastInstance.objects.create(state=I.CREATING, web_password="x")
+    with provisioning.vast_client() as client:
+        vast_id = client.create_instance(CHEAPEST_MATCHING, image="x", disk_gb=10, env={}, onstart="", label=orphan.label)["id"]
+    report = provisioning.reconcile()
+    orphan.refresh_from_db()
+    assert report["adopted"] == [vast_id] and orphan.vast_id == vast_id and orphan.state == I.CREATING
+    assert ("gpu.tasks.wait_for_instance", str(orphan.pk)) in queued
+
+
+def test_reconcile_restarts_a_stalled_wait_and_fails_unconfirmed_reservations(policy, vast, queued):
+    instance = rent()
+    queued.clear()
+    old = timezone.now() - timedelta(minutes=5)
+    VastInstance.objects.filter(pk=instance.pk).update(created_at=old, checked_at=old)
+    never = VastInstance.objects.create(state=I.CREATING, web_password="x", created_at=old)
+
+    report = provisioning.reconcile()
+
+    assert report["restarted_waits"] == [instance.vast_id] and report["failed_reservations"] == [str(never.pk)]
+    assert queued == [("gpu.tasks.wait_for_instance", str(instance.pk))]
+    never.refresh_from_db()
+    assert never.state == I.FAILED and "never confirmed" in never.error
+
+
+# ---------------------------------------------------------------------- capacity for jobs
+
+
+def test_ensure_capacity_starts_one_instance_and_waits_for_it(policy, vast, comfy, user):
+    job = make_job(user)
+
+    assert provisioning.ensure_capacity_for(job) is None
+    assert provisioning.ensure_capacity_for(make_job(user)) is None  # a second job waits for the same one
+
+    instance = VastInstance.objects.get()
+    assert instance.origin == "job" and instance.created_by == user and live_vast_ids(vast) == [instance.vast_id]
+    job.refresh_from_db()
+    assert job.instance == instance
+    boot_to_ready(instance, vast, comfy)
+    assert provisioning.ensure_capacity_for(job) == instance
+
+
+def test_ensure_capacity_picks_the_least_busy_ready_instance(policy, vast, comfy, user):
+    policy.max_instances = 2
+    policy.save()
+    a, b = boot_to_ready(rent(), vast, comfy), boot_to_ready(rent(), vast, comfy)
+    make_job(user, status=VideoJob.Status.RUNNING, instance=a)
+
+    chosen = provisioning.ensure_capacity_for(make_job(user))
+
+    assert chosen == b
+    b.refresh_from_db()
+    assert b.last_busy_at is not None
+
+
+def test_scale_out_when_jobs_waited_too_long(policy, vast, comfy, user):
+    policy.max_instances = 2
+    policy.save()
+    first = boot_to_ready(rent(), vast, comfy)
+    long_ago = timezone.now() - timedelta(seconds=policy.scale_out_wait_seconds + 10)
+    make_job(user, status=VideoJob.Status.RUNNING, instance=first, submitted_at=long_ago, started_at=long_ago)
+    make_job(user, status=VideoJob.Status.SUBMITTED, instance=first, submitted_at=long_ago)
+
+    assert tasks.reap_idle().startswith("reaped 0, scaled out to ")
+
+    added = VastInstance.objects.get(state=I.CREATING)
+    assert added.origin == "scale-out" and len(live_vast_ids(vast)) == 2
+    assert provisioning.scale_out_if_needed() is None  # one booting is enough; and now at max_instances
+
+
+def test_ensure_capacity_gives_up_after_three_failed_boots(policy, vast, user):
+    job = make_job(user)
+    for n in range(provisioning.MAX_BOOT_ATTEMPTS):
+        VastInstance.objects.create(state=I.FAILED, error=f"boot {n} went exited", destroyed_at=timezone.now())
+
+    with pytest.raises(provisioning.ProvisioningError) as err:
+        provisioning.ensure_capacity_for(job)
+
+    assert "in 3 attempts" in str(err.value) and "went exited" in str(err.value)
+
+
+def test_schedules_for_the_reaper_and_the_reconciler_exist():
+    import importlib
+
+    from django.apps import apps
+    from django_q.models import Schedule
+
+    migration = importlib.import_module("gpu.migrations.0003_schedules")
+    migration.add(apps, None)  # what `migrate` ran; again, as a re-run must not duplicate them
+    rows = {s.func: s for s in Schedule.objects.filter(func__startswith="gpu.tasks.")}
+    assert set(rows) == {"gpu.tasks.reap_idle", "gpu.tasks.reconcile"}
+    assert all(s.schedule_type == "I" and s.minutes == 1 and s.repeats == -1 for s in rows.values())
+
+
+def test_tasks_do_nothing_without_an_api_key(settings, db):
+    settings.VASTAI_API_KEY = ""
+
+    assert tasks.reap_idle() == "vast.ai is not configured"
+    assert tasks.reconcile() == "vast.ai is not configured"
