@@ -25,6 +25,8 @@ run: $(VENV)/.runtime
 	$(PY) manage.py runall
 
 test: $(VENV)/.dev
+	@# The browser tests drive Debian's Chromium; never `playwright install` (it downloads its own build).
+	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
