@@ -187,7 +187,7 @@ def _fal_estimate(width, height, frames, selected):
     from generation import fal
     from generation.templatetags.i2v_format import usd
 
-    endpoint = getattr(settings, "FAL_ENDPOINT", "") or fal.WAN_I2V
+    endpoint = settings.FAL_ENDPOINT or fal.WAN_I2V
     try:
         cost = fal.estimate_cost(endpoint, width, height, frames)
     except (KeyError, ValueError):

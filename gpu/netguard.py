@@ -40,7 +40,7 @@ class BlockedURL(ValueError):
 
 
 def _block_private():
-    return getattr(settings, "I2V_BLOCK_PRIVATE_NETWORKS", False)
+    return settings.I2V_BLOCK_PRIVATE_NETWORKS
 
 
 def check_address(ip: str, host: str = "") -> None:

@@ -104,7 +104,7 @@ def vast_client(*, retries=3) -> VastAIClient:
     if not settings.VASTAI_API_KEY:
         raise ProvisioningError(NO_KEY, status=503)
     return VastAIClient(settings.VASTAI_API_KEY, settings.VASTAI_API_URL, retries=retries,
-                        backoff=getattr(settings, "VASTAI_RETRY_BACKOFF", 0.5))
+                        backoff=settings.VASTAI_RETRY_BACKOFF)
 
 
 def _vast_error(exc: VastAIError, doing: str) -> ProvisioningError:

@@ -47,8 +47,8 @@ def client():
         "s3",
         endpoint_url=settings.R2_ENDPOINT_URL,
         region_name="auto",
-        aws_access_key_id=getattr(settings, "R2_ACCESS_KEY_ID", "") or None,
-        aws_secret_access_key=getattr(settings, "R2_SECRET_ACCESS_KEY", "") or None,
+        aws_access_key_id=settings.R2_ACCESS_KEY_ID or None,
+        aws_secret_access_key=settings.R2_SECRET_ACCESS_KEY or None,
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},

@@ -153,6 +153,8 @@ R2_ENDPOINT_URL = env("R2_ENDPOINT_URL") or (
     f"https://{env('R2_ACCOUNT_ID')}.r2.cloudflarestorage.com" if env("R2_ACCOUNT_ID") else ""
 )
 R2_PUBLIC_URL = env("R2_PUBLIC_URL").rstrip("/")
+R2_ACCESS_KEY_ID = env("R2_ACCESS_KEY_ID")
+R2_SECRET_ACCESS_KEY = env("R2_SECRET_ACCESS_KEY")
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -166,8 +168,8 @@ if R2_BUCKET:
         "bucket_name": R2_BUCKET,
         "endpoint_url": R2_ENDPOINT_URL,
         "region_name": "auto",
-        "access_key": env("R2_ACCESS_KEY_ID"),
-        "secret_key": env("R2_SECRET_ACCESS_KEY"),
+        "access_key": R2_ACCESS_KEY_ID,
+        "secret_key": R2_SECRET_ACCESS_KEY,
         "client_config": Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
@@ -206,6 +208,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
 # --- Providers -------------------------------------------------------------------
 VASTAI_API_KEY = env("VASTAI_API_KEY")
 VASTAI_API_URL = env("VASTAI_API_URL", "https://console.vast.ai/api/v0").rstrip("/")
+VASTAI_RETRY_BACKOFF = env_float("VASTAI_RETRY_BACKOFF", 0.5)
 FAL_KEY = env("FAL_KEY")
 FAL_QUEUE_URL = env("FAL_QUEUE_URL", "https://queue.fal.run").rstrip("/")
 FAL_ENDPOINT = env("FAL_ENDPOINT", "fal-ai/wan/v2.2-a14b/image-to-video")

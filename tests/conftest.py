@@ -91,3 +91,17 @@ def _clear_cache():
 
     cache.clear()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _shipped_workflows(request):
+    """Transactional tests flush every table between tests, including the rows the data
+    migration loaded: put the shipped workflows back, as a fresh install has them."""
+    marker = request.node.get_closest_marker("django_db")
+    if "transactional_db" in request.fixturenames or (marker and marker.kwargs.get("transaction")):
+        request.getfixturevalue("transactional_db")
+        from generation.domain import sync_shipped_workflows
+        from generation.models import ModelFile, Workflow
+
+        sync_shipped_workflows(Workflow, ModelFile)
+    yield
