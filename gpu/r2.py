@@ -49,16 +49,7 @@ def client():
         region_name="auto",
         aws_access_key_id=settings.R2_ACCESS_KEY_ID or None,
         aws_secret_access_key=settings.R2_SECRET_ACCESS_KEY or None,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            # R2 rejects boto3's default aws-chunked CRC trailers (providers.md section 4).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-        ),
+        config=Config(**settings.R2_CLIENT_CONFIG),
     )
 
 

@@ -155,6 +155,17 @@ R2_ENDPOINT_URL = env("R2_ENDPOINT_URL") or (
 R2_PUBLIC_URL = env("R2_PUBLIC_URL").rstrip("/")
 R2_ACCESS_KEY_ID = env("R2_ACCESS_KEY_ID")
 R2_SECRET_ACCESS_KEY = env("R2_SECRET_ACCESS_KEY")
+# botocore Config for every R2 client (django-storages and gpu.r2): providers.md section 4.
+R2_CLIENT_CONFIG = {
+    "signature_version": "s3v4",
+    "s3": {"addressing_style": "path"},
+    # R2 rejects boto3's default aws-chunked CRC trailers; restore the plain wire format.
+    "request_checksum_calculation": "when_required",
+    "response_checksum_validation": "when_required",
+    "retries": {"max_attempts": 5, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -170,16 +181,7 @@ if R2_BUCKET:
         "region_name": "auto",
         "access_key": R2_ACCESS_KEY_ID,
         "secret_key": R2_SECRET_ACCESS_KEY,
-        "client_config": Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            # R2 rejects boto3's default aws-chunked CRC trailers; restore the plain wire format.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-        ),
+        "client_config": Config(**R2_CLIENT_CONFIG),
         # 8 MiB parts, at most 4 in flight: bounded memory when streaming a video in.
         "transfer_config": TransferConfig(
             multipart_threshold=8 * 1024 * 1024,

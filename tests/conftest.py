@@ -105,3 +105,24 @@ def _shipped_workflows(request):
 
         sync_shipped_workflows(Workflow, ModelFile)
     yield
+
+
+S3_BUCKETS = ("videos", "i2v-models")
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3 server over HTTP on 127.0.0.1 (moto's server mode) with the buckets tests use;
+    yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
+    for name in S3_BUCKETS:
+        s3.create_bucket(Bucket=name)
+    yield url
+    server.stop()

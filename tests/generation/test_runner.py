@@ -360,32 +360,19 @@ def test_failed_webhook_is_retried_later_and_recorded(configured, user):
     assert retry.args == f"'{job.id}',2" and retry.schedule_type == Schedule.ONCE
 
 
-def test_video_goes_to_r2_and_is_served_by_presigned_url(configured, user, settings, api):
-    import boto3
+def test_video_goes_to_r2_and_is_served_by_presigned_url(configured, user, settings, api, s3_server):
     import httpx
-    from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
-
-    port = free_port()
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    s3.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
-                     aws_secret_access_key="s").create_bucket(Bucket="videos")
-        settings.R2_BUCKET = "videos"
-        settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
-            "bucket_name": "videos", "endpoint_url": endpoint, "region_name": "auto", "access_key": "k",
-            "secret_key": "s", "file_overwrite": False, "default_acl": None}}}
-        job = run_to_end(make_job(user))
-        assert job.status == S.COMPLETED, job.error
-        out = job.provider_urls["output"]
-        url = api.get(f"/api/jobs/{job.id}").json()["video_url"]
-        assert url.startswith(endpoint) and "X-Amz-Signature=" in url
-        assert httpx.get(url).content == configured.output_bytes(out["filename"], out["subfolder"])
-    finally:
-        s3.stop()
+    settings.R2_BUCKET = "videos"
+    settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
+        "bucket_name": "videos", "endpoint_url": s3_server, "region_name": "auto", "access_key": "k",
+        "secret_key": "s", "file_overwrite": False, "default_acl": None}}}
+    job = run_to_end(make_job(user))
+    assert job.status == S.COMPLETED, job.error
+    out = job.provider_urls["output"]
+    url = api.get(f"/api/jobs/{job.id}").json()["video_url"]
+    assert url.startswith(s3_server) and "X-Amz-Signature=" in url
+    assert httpx.get(url).content == configured.output_bytes(out["filename"], out["subfolder"])
 
 
 def test_comfyui_hiccup_mid_run_does_not_fail_a_long_job(configured, user, monkeypatch):

@@ -11,11 +11,10 @@ from generation.domain import sync_shipped_workflows
 from generation.models import ModelFile, Workflow
 from gpu import provisioning
 from gpu.models import GpuConfig, VastInstance
-from tests.conftest import free_port
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.vastai import VastAIDouble
 
-__all__ = ["comfy", "vast", "vast_settings", "queued", "policy", "s3_server", "r2_settings", "rent", "boot_to_ready",
+__all__ = ["comfy", "vast", "vast_settings", "queued", "policy", "r2_settings", "rent", "boot_to_ready",
            "live_vast_ids"]
 
 CHEAPEST_MATCHING = 7310001  # RTX 4090 $0.345: the 3090, the unverified and the unreliable ones fail the policy
@@ -79,20 +78,6 @@ def policy(db, vast_settings):
     config.default_workflow = "smoke"
     config.save()
     return config
-
-
-@pytest.fixture
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="k",
-                 aws_secret_access_key="s").create_bucket(Bucket="i2v-models")
-    yield url
-    server.stop()
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import httpx
-import pytest
 from django.core.files.base import ContentFile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,22 +66,6 @@ def test_redis_broker_round_trip():
     task = broker.dequeue()
     assert task[0][1] == b"payload-1" or task[0][1] == "payload-1"
     broker.connection.delete(broker.list_key)
-
-
-@pytest.fixture
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    from tests.conftest import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="k",
-                 aws_secret_access_key="s").create_bucket(Bucket="videos")
-    yield url
-    server.stop()
 
 
 def r2_storage(tmp_path, monkeypatch, endpoint, **extra):
