@@ -2,8 +2,30 @@
 background thread with its own asyncio loop, started and stopped from the test thread."""
 
 import asyncio
+import fnmatch
+import random
 import socket
 import threading
+
+PATTERN_LEN = 65521  # prime, so the filler never lines up with power-of-two chunk sizes
+_PATTERN = random.Random(20251011).randbytes(PATTERN_LEN) * 2
+
+
+def generated_bytes(head: bytes, offset: int, n: int) -> bytes:
+    """Bytes [offset, offset+n) of a large output made of `head` (a real small file) followed by
+    a deterministic filler: big outputs are generated while streaming, never held in memory."""
+    out = bytearray()
+    if offset < len(head):
+        out += head[offset:offset + n]
+        offset += len(out)
+        n -= len(out)
+    while n > 0:
+        p = (offset - len(head)) % PATTERN_LEN
+        take = min(n, PATTERN_LEN)
+        out += _PATTERN[p:p + take]
+        offset += take
+        n -= take
+    return bytes(out)
 
 
 class LoopServer:
@@ -81,6 +103,16 @@ class LoopServer:
 
     async def _astop(self):
         await self._runner.cleanup()
+
+    def _take_fail_rule(self, path, method):
+        """The next `fail_http` rule matching this request, used up by one; None if none matches.
+        Subclasses keep `self._fail_rules` (a list of dicts) under `self._lock`."""
+        with self._lock:
+            for rule in self._fail_rules:
+                if rule["times"] > 0 and fnmatch.fnmatchcase(path, rule["pattern"]) and rule["method"] in (None, method):
+                    rule["times"] -= 1
+                    return rule
+        return None
 
     def _call(self, fn, timeout=10):
         """Run fn() on the server loop and return its result (thread-safe state access)."""

@@ -82,7 +82,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-from tests.doubles.base import LoopServer  # noqa: E402
+from tests.doubles.base import LoopServer, generated_bytes  # noqa: E402
 from tests.shared_docs import OBJECT_INFO as DEFAULT_OBJECT_INFO  # noqa: E402
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
 
@@ -153,7 +153,6 @@ SAMPLERS = {"KSampler", "KSamplerAdvanced"}
 DIR_TYPES = ("output", "input", "temp")
 MAXIMUM_HISTORY_SIZE = 10000
 CHUNK = 64 * 1024
-PATTERN_LEN = 65521  # prime, so the filler never lines up with power-of-two chunk sizes
 FORCED_OCTET = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
 
 for _type, _ext in (("video/mp4", ".mp4"), ("video/webm", ".webm"), ("image/webp", ".webp"), ("image/png", ".png")):
@@ -297,7 +296,6 @@ class ComfyUIDouble(LoopServer):
 
         self._object_info = _load_object_info(object_info_path)
         self._tiny = TINY_MP4.read_bytes()
-        self._pattern = random.Random(20251011).randbytes(PATTERN_LEN) * 2
 
         self._lock = threading.Lock()  # guards the observation lists and fail_http rules
         self.requests: list[RecordedRequest] = []
@@ -504,13 +502,7 @@ class ComfyUIDouble(LoopServer):
                 await asyncio.sleep(0.02)
             return web.Response(status=503)
 
-        rule = None
-        with self._lock:
-            for candidate in self._fail_rules:
-                if candidate["times"] > 0 and fnmatch.fnmatchcase(path, candidate["pattern"]) and candidate["method"] in (None, request.method):
-                    candidate["times"] -= 1
-                    rule = candidate
-                    break
+        rule = self._take_fail_rule(path, request.method)
         if rule is not None:
             return web.Response(status=rule["status"], body=rule["body"].encode() if isinstance(rule["body"], str) else rule["body"], content_type=rule["content_type"])
 
@@ -730,19 +722,7 @@ class ComfyUIDouble(LoopServer):
             pos += n
 
     def _virtual_read(self, offset, n):
-        head = self._tiny
-        out = bytearray()
-        if offset < len(head):
-            out += head[offset:offset + n]
-            offset += len(out)
-            n -= len(out)
-        while n > 0:
-            p = (offset - len(head)) % PATTERN_LEN
-            take = min(n, PATTERN_LEN)
-            out += self._pattern[p:p + take]
-            offset += take
-            n -= take
-        return bytes(out)
+        return generated_bytes(self._tiny, offset, n)
 
     async def _view(self, request):
         query = request.rel_url.query

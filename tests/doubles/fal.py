@@ -85,7 +85,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.doubles.base import LoopServer
+from tests.doubles.base import LoopServer, generated_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
@@ -111,7 +111,6 @@ BOOLS = ("enable_safety_checker", "enable_output_safety_checker", "enable_prompt
 IN_QUEUE, IN_PROGRESS, COMPLETED = "IN_QUEUE", "IN_PROGRESS", "COMPLETED"
 STATES = (IN_QUEUE, IN_PROGRESS, COMPLETED)
 CHUNK = 64 * 1024
-PATTERN_LEN = 65521  # prime, so the filler never lines up with power-of-two chunk sizes
 REQUEST_RE = re.compile(r"^/(?P<owner>[^/]+)/(?P<alias>[^/]+)/requests/(?P<id>[^/]+)(?P<action>/status|/cancel)?/?$")
 DOWNLOAD_ERROR = "Failed to download the file. Please check if the URL is accessible."
 
@@ -250,7 +249,6 @@ class FalDouble(LoopServer):
         self.inference_time = inference_time
 
         self._tiny = TINY_MP4.read_bytes()
-        self._pattern = random.Random(20260801).randbytes(PATTERN_LEN) * 2
 
         self._lock = threading.Lock()  # guards the observation lists and fail_http rules
         self.requests: list[RecordedRequest] = []
@@ -354,13 +352,7 @@ class FalDouble(LoopServer):
             while self._hangs(path) and not self._stopping.is_set():
                 await asyncio.sleep(0.02)
             return web.Response(status=503)
-        rule = None
-        with self._lock:
-            for candidate in self._fail_rules:
-                if candidate["times"] > 0 and fnmatch.fnmatchcase(path, candidate["pattern"]) and candidate["method"] in (None, request.method):
-                    candidate["times"] -= 1
-                    rule = candidate
-                    break
+        rule = self._take_fail_rule(path, request.method)
         if rule is not None:
             body = rule["body"].encode() if isinstance(rule["body"], str) else rule["body"]
             return web.Response(status=rule["status"], body=body, content_type=rule["content_type"])
@@ -600,19 +592,7 @@ class FalDouble(LoopServer):
             pos += n
 
     def _virtual_read(self, offset, n):
-        head = self._tiny
-        out = bytearray()
-        if offset < len(head):
-            out += head[offset:offset + n]
-            offset += len(out)
-            n -= len(out)
-        while n > 0:
-            p = (offset - len(head)) % PATTERN_LEN
-            take = min(n, PATTERN_LEN)
-            out += self._pattern[p:p + take]
-            offset += take
-            n -= take
-        return bytes(out)
+        return generated_bytes(self._tiny, offset, n)
 
     async def _file(self, request, name):
         req = self._requests.get(name.removesuffix(".mp4"))

@@ -491,13 +491,7 @@ class VastAIDouble(LoopServer):
         if auth != f"Bearer {self.api_key}" and request.rel_url.query.get("api_key") != self.api_key:
             return _json_error(401, "unauthorized", "Invalid or missing API key: send Authorization: Bearer <your API key>")
 
-        rule = None
-        with self._lock:
-            for candidate in self._fail_rules:
-                if candidate["times"] > 0 and fnmatch.fnmatchcase(path, candidate["pattern"]) and candidate["method"] in (None, request.method):
-                    candidate["times"] -= 1
-                    rule = candidate
-                    break
+        rule = self._take_fail_rule(path, request.method)
         if rule is not None:
             data = rule["body"].encode() if isinstance(rule["body"], str) else rule["body"]
             return web.Response(status=rule["status"], body=data, content_type=rule["content_type"], headers=rule["headers"])
