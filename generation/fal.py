@@ -185,26 +185,6 @@ def _body_detail(resp):
     return body.get("detail") if isinstance(body, dict) else None
 
 
-class _GuardedStream(httpx.SyncByteStream):
-    """Turns transport failures in the middle of a download into FalError."""
-
-    def __init__(self, stream, where, read_timeout):
-        self._stream = stream
-        self._where = where
-        self._read_timeout = read_timeout
-
-    def __iter__(self):
-        try:
-            yield from self._stream
-        except httpx.TimeoutException:
-            raise FalError(f"Download of the fal.ai video from {self._where} stalled: no data for {self._read_timeout}s", kind="timeout", retryable=True) from None
-        except httpx.TransportError as exc:
-            raise FalError(f"Download of the fal.ai video from {self._where} was interrupted ({type(exc).__name__})", kind="unreachable", retryable=True) from None
-
-    def close(self):
-        self._stream.close()
-
-
 # ---------------------------------------------------------------------- client
 
 
@@ -469,7 +449,15 @@ class FalClient:
                 raise error
             log.warning("fal.ai download %s failed (%s), retrying", where, error)
             self._pause(attempt)
-        resp.stream = _GuardedStream(resp.stream, where, self.read_timeout)
+
+        def mid_download_error(what, exc):
+            if what == "stalled":
+                return FalError(f"Download of the fal.ai video from {where} stalled: no data for {self.read_timeout}s",
+                                kind="timeout", retryable=True)
+            return FalError(f"Download of the fal.ai video from {where} was interrupted ({type(exc).__name__})",
+                            kind="unreachable", retryable=True)
+
+        resp.stream = netguard.StreamErrors(resp.stream, mid_download_error)
         try:
             yield resp
         finally:

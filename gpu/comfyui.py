@@ -240,26 +240,6 @@ class EventStream:
             yield self.next()
 
 
-class _GuardedStream(httpx.SyncByteStream):
-    """Turns transport failures in the middle of a download into ComfyUIError."""
-
-    def __init__(self, stream, where, read_timeout):
-        self._stream = stream
-        self._where = where
-        self._read_timeout = read_timeout
-
-    def __iter__(self):
-        try:
-            yield from self._stream
-        except httpx.TimeoutException:
-            raise ComfyUIError(f"Download from {self._where} stalled: no data for {self._read_timeout}s", kind="timeout", retryable=True) from None
-        except httpx.TransportError as exc:
-            raise ComfyUIError(f"Download from {self._where} was interrupted ({_snippet(str(exc), 120) or type(exc).__name__})", kind="unreachable", retryable=True) from None
-
-    def close(self):
-        self._stream.close()
-
-
 class ComfyUIClient:
     def __init__(self, base_url, *, token=None, connect_timeout=5.0, read_timeout=30.0, retries=2, http_client=None, backoff=0.5):
         parts = urlsplit(base_url.strip())
@@ -557,7 +537,15 @@ class ComfyUIClient:
                 raise error
             log.warning("ComfyUI GET %s failed (%s), retrying", self._safe(where), error)
             self._pause(attempt)
-        resp.stream = _GuardedStream(resp.stream, self._safe(where), self.read_timeout)
+        where = self._safe(where)
+
+        def mid_download_error(what, exc):
+            if what == "stalled":
+                return ComfyUIError(f"Download from {where} stalled: no data for {self.read_timeout}s", kind="timeout", retryable=True)
+            return ComfyUIError(f"Download from {where} was interrupted ({_snippet(str(exc), 120) or type(exc).__name__})",
+                                kind="unreachable", retryable=True)
+
+        resp.stream = netguard.StreamErrors(resp.stream, mid_download_error)
         try:
             yield resp
         finally:

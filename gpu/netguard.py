@@ -110,3 +110,23 @@ def blocked_reason(exc: BaseException) -> str | None:
             return str(exc)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class StreamErrors(httpx.SyncByteStream):
+    """A response body stream whose transport failures part-way through become the caller's
+    own exception: `make_error("stalled" | "interrupted", exc)` returns what to raise."""
+
+    def __init__(self, stream, make_error):
+        self._stream = stream
+        self._make_error = make_error
+
+    def __iter__(self):
+        try:
+            yield from self._stream
+        except httpx.TimeoutException as exc:
+            raise self._make_error("stalled", exc) from None
+        except httpx.TransportError as exc:
+            raise self._make_error("interrupted", exc) from None
+
+    def close(self):
+        self._stream.close()
