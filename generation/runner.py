@@ -159,7 +159,9 @@ def advance(job_id, deadline: float) -> bool:
         time.sleep(max(0.0, min(GPU_WAIT_PAUSE, deadline - time.monotonic())))
         return False
     except ComfyUIError as exc:
-        if exc.kind in ("unreachable", "timeout", "not_ready") and _within_grace(job):
+        # A retryable answer (a 5xx, a 429, a non-JSON body: ComfyUI restarting or a proxy's
+        # hiccup) is retried like an unreachable server; it used to fail the job at once.
+        if (exc.kind in ("unreachable", "timeout", "not_ready") or exc.retryable) and _within_grace(job):
             log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)
             return False
         _fail(job, f"{exc}" + (f" {TROUBLESHOOTING}" if exc.kind in ("unreachable", "timeout") else ""))

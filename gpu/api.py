@@ -86,6 +86,9 @@ def post_config(request, payload: ConfigIn):
     for key in ("comfyui_url", "swarmui_url", "comfyui_token"):
         if key in changes and changes[key] is None:
             changes[key] = ""
+    if "gpu_provider" in changes and changes["gpu_provider"] is None:
+        # An explicit null means "leave it as it is" (the column has no empty value; it was a 500).
+        del changes["gpu_provider"]
     if changes.get("vastai_instance_id") is not None:
         if not VastInstance.objects.filter(vast_id=changes["vastai_instance_id"]).exists():
             raise HttpError(422, f"vastai_instance_id: no known vast.ai instance {changes['vastai_instance_id']}.")

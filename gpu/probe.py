@@ -10,9 +10,19 @@ NOT_READY = "Instance not ready: ComfyUI is still starting (2-5 min)"
 AUTH_FAILED = "Failed to authenticate: the tunnel URL may have expired or the token is wrong"
 
 
+def _shown(url):
+    """The URL as answers show it: without a `?token=` (a secret must not be echoed back)."""
+    from gpu.urls_check import split_token
+
+    try:
+        return split_token(url)[0] if isinstance(url, str) else url
+    except ValueError:
+        return url
+
+
 def _result(url, *, reachable, api_type=None, ready=False, message="", status="", details=None):
     return {
-        "url": url,
+        "url": _shown(url),
         "reachable": reachable,
         "api_type": api_type,
         "ready": ready,
