@@ -6,9 +6,23 @@ import fnmatch
 import random
 import socket
 import threading
+import time
+from dataclasses import dataclass, field
 
 PATTERN_LEN = 65521  # prime, so the filler never lines up with power-of-two chunk sizes
 _PATTERN = random.Random(20251011).randbytes(PATTERN_LEN) * 2
+
+
+
+@dataclass
+class RecordedRequest:
+    """One request a double received, for tests to assert on."""
+
+    method: str
+    path: str
+    query: dict
+    headers: object  # a case-insensitive multidict
+    at: float = field(default_factory=time.monotonic)
 
 
 def generated_bytes(head: bytes, offset: int, n: int) -> bytes:

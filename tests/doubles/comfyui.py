@@ -82,7 +82,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-from tests.doubles.base import LoopServer, generated_bytes  # noqa: E402
+from tests.doubles.base import LoopServer, RecordedRequest, generated_bytes  # noqa: E402
 from tests.shared_docs import OBJECT_INFO as DEFAULT_OBJECT_INFO  # noqa: E402
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
 
@@ -199,15 +199,6 @@ def _norm_sub(subfolder: str):
     if norm == ".." or norm.startswith("../"):
         return None
     return norm
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict
-    headers: CIMultiDict
-    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

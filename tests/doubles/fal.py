@@ -85,7 +85,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.doubles.base import LoopServer, generated_bytes
+from tests.doubles.base import LoopServer, RecordedRequest, generated_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
@@ -113,15 +113,6 @@ STATES = (IN_QUEUE, IN_PROGRESS, COMPLETED)
 CHUNK = 64 * 1024
 REQUEST_RE = re.compile(r"^/(?P<owner>[^/]+)/(?P<alias>[^/]+)/requests/(?P<id>[^/]+)(?P<action>/status|/cancel)?/?$")
 DOWNLOAD_ERROR = "Failed to download the file. Please check if the URL is accessible."
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    query: dict
-    headers: CIMultiDict
-    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
