@@ -53,7 +53,7 @@ def sh(*cmd, env=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
 
-def start_app(web_concurrency):
+def start_app(web_concurrency, web_threads=4):
     sh("dropdb", "--if-exists", "-h", "127.0.0.1", "-U", "postgres", DB)
     sh("createdb", "-h", "127.0.0.1", "-U", "postgres", DB)
     port = free_port()
@@ -61,12 +61,13 @@ def start_app(web_concurrency):
     env.update({
         "DJANGO_SETTINGS_MODULE": "i2v.settings",
         "DATABASE_URL": f"{PG}/{DB}",
-        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "REDIS_URL": "redis://127.0.0.1:6379/3",  # not 0: the test suite flushes that one
         "I2V_Q_NAME": f"i2v-bench-{port}",
         "I2V_DATA_DIR": tempfile.mkdtemp(prefix="i2v-bench-load-"),
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "WEB_CONCURRENCY": str(web_concurrency),
+        "WEB_THREADS": str(web_threads),
         "I2V_WORKERS": "4",
         "I2V_FOLLOW_SLICE": "5",
     })
@@ -153,6 +154,35 @@ def _client_proc(args):
     return lat, errors
 
 
+def _wrk_ms(text):
+    value, unit = float(text[:-2] if text.endswith(("ms", "us")) else text[:-1]), text[-2:]
+    return value / 1000 if unit == "us" else value if unit == "ms" else value * 1000
+
+
+def measure_wrk(base, token, paths, seconds, clients=50):
+    """The same load from wrk (C, 2 threads, `clients` keep-alive connections): it needs a
+    fraction of the CPU the Python clients take, which on a 2-core machine goes to the server."""
+    import re
+    import shutil
+
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    quoted = ", ".join(f'"{p}"' for p in paths)
+    script.write(f'local paths = {{{quoted}}}\n'
+                 f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+                 'request = function() return wrk.format("GET", paths[math.random(#paths)]) end\n')
+    script.close()
+    out = subprocess.run([shutil.which("wrk"), "-t2", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency",
+                          "-s", script.name, base + "/"], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"n": n, "errors": (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0),
+            "p50": _wrk_ms(re.search(r"50%\s+(\S+)", out).group(1)),
+            "p99": _wrk_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+            "rps": float(re.search(r"Requests/sec:\s+(\S+)", out).group(1))}
+
+
 def measure(base, token, paths, seconds, clients=50, procs=10):
     """`clients` concurrent keep-alive clients (spread over `procs` processes so the client's GIL
     is not the bottleneck), each requesting as fast as answers come for `seconds`."""
@@ -169,16 +199,23 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each latency phase")
     parser.add_argument("--web-concurrency", type=int, default=2, help="gunicorn workers (runall's default: 2)")
+    parser.add_argument("--web-threads", type=int, default=4, help="threads per gunicorn worker (runall's default: 4)")
+    parser.add_argument("--client", choices=("wrk", "python"), default=None,
+                        help="load generator for the latency phase: wrk (default when installed) or Python/httpx")
     args = parser.parse_args()
+    import shutil
+
+    client = args.client or ("wrk" if shutil.which("wrk") else "python")
+    run = measure_wrk if client == "wrk" else measure
 
     with ComfyUIDouble(run_seconds=0.05) as comfy:
-        proc, base, token = start_app(args.web_concurrency)
+        proc, base, token = start_app(args.web_concurrency, args.web_threads)
         try:
             auth = {"Authorization": f"Bearer {token}"}
             resp = httpx.post(f"{base}/api/gpu/config", headers=auth,
                               json={"comfyui_url": comfy.url, "gpu_provider": "local"})
             assert resp.status_code == 200, resp.text
-            print(f"app: {base} (gunicorn ×{args.web_concurrency} workers × 4 threads + qcluster ×4) "
+            print(f"app: {base} (gunicorn ×{args.web_concurrency} workers × {args.web_threads} threads + qcluster ×4) "
                   f"on PostgreSQL {DB} + Redis; ComfyUI double at {comfy.url}")
 
             # 1. The burst.
@@ -217,10 +254,10 @@ def main():
 
             # 2. Latency side by side, same server, same run (warm-up first, then jobs, then ping).
             paths = [f"/api/jobs/{i}" for i in sorted(ids)]
-            measure(base, token, paths + ["/api/ping"], 2.0)
-            jobs = measure(base, token, paths, args.seconds)
-            ping = measure(base, token, ["/api/ping"], args.seconds)
-            print(f"\n[latency] 50 concurrent keep-alive clients, {args.seconds:.0f} s each")
+            run(base, token, paths + ["/api/ping"], 2)
+            jobs = run(base, token, paths, args.seconds)
+            ping = run(base, token, ["/api/ping"], args.seconds)
+            print(f"\n[latency] 50 concurrent keep-alive clients ({client}), {args.seconds:.0f} s each")
             for name, r in (("GET /api/jobs/{id}", jobs), ("GET /api/ping", ping)):
                 print(f"  {name:<18}: p50 {r['p50']:6.1f} ms   p99 {r['p99']:6.1f} ms   {r['rps']:7.0f} req/s   "
                       f"({r['n']} requests, {r['errors']} non-200)")

@@ -5,13 +5,13 @@ import uuid
 from datetime import datetime
 from typing import Optional
 
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from ninja import Query, Router, Schema
 from ninja.responses import Status
 from ninja.errors import HttpError
 from pydantic import ValidationError as PydanticValidationError
 
-from generation import domain
+from generation import domain, jobcache
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
@@ -165,7 +165,7 @@ def list_jobs(request, filters: Query[JobFilter]):
         raise HttpError(422, "limit: must be between 1 and 100")
     if filters.offset < 0:
         raise HttpError(422, "offset: must be 0 or more")
-    qs = VideoJob.objects.filter(owner=request.auth).order_by("-created_at")
+    qs = VideoJob.objects.filter(owner=request.auth).only(*domain.JOB_JSON_FIELDS).order_by("-created_at")
     if filters.status:
         qs = qs.filter(status=filters.status)
     count = qs.count()
@@ -183,7 +183,25 @@ def _job(request, job_id):
 
 @router.get("/jobs/{uuid:job_id}", response={200: JobOut, 404: Error}, summary="One job")
 def get_job(request, job_id: uuid.UUID):
-    return domain.job_json(_job(request, job_id))
+    """What scripts poll: answered from the shared cache when it has the job (generation/jobcache.py)."""
+    from i2v.api import api
+
+    renderer = api.renderer
+    user = request.auth
+    cached = jobcache.get(job_id)
+    if cached is None:
+        job = domain.read_job(user, job_id)
+        if job is None:
+            raise HttpError(404, "No such job.")
+        # Validated and rendered once; a cached answer is sent as these bytes.
+        body = renderer.render(request, JobOut.model_validate(domain.job_json(job)).model_dump(),
+                                                 response_status=200)
+        cached = (job.owner_id, body)
+        jobcache.put(job_id, *cached)
+    owner_id, body = cached
+    if owner_id != user.pk and not user.is_staff:
+        raise HttpError(404, "No such job.")
+    return HttpResponse(body, content_type=f"{renderer.media_type}; charset={renderer.charset}")
 
 
 @router.post("/jobs/{uuid:job_id}/cancel", response={200: JobOut, 404: Error, 409: Error}, summary="Cancel a job")

@@ -6,7 +6,7 @@ import uuid
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.urls import reverse
 
 from generation.inputs import InputError, check_image, fetch_image
@@ -22,6 +22,66 @@ def video_url(job) -> str:
     if settings.R2_BUCKET:
         return default_storage.url(job.video.name)
     return reverse("generation:job_video", args=[job.id])
+
+
+# The columns job_json reads: API reads load only these (a job row has ~50 columns).
+JOB_JSON_FIELDS = (
+    "id", "owner_id", "status", "progress", "step", "steps_total", "current_node", "queue_position", "backend",
+    "workflow_slug", "prompt", "negative_prompt", "width", "height", "frames", "fps", "seed", "error", "video",
+    "video_size", "prompt_id", "request_id", "instance_id", "created_at", "started_at", "finished_at", "cost_usd",
+    "note",
+)
+
+
+def read_job(user, job_id, using="default"):
+    """The job `user` may see (owner, or any job for staff) with the columns job_json reads, or
+    None. `GET /api/jobs/{id}` is what scripts poll, so this runs one prebuilt SELECT: building
+    the same query through the ORM took ~1.5 ms a request, several times the query itself.
+    Values pass through the same converters the ORM applies (UUIDs and datetimes on SQLite)."""
+    connection = connections[using]
+    reader = _JOB_READERS.get(connection.vendor)
+    if reader is None:
+        reader = _JOB_READERS[connection.vendor] = _JobReader(connection)
+    return reader.read(connection, user, job_id)
+
+
+class _JobReader:
+    def __init__(self, connection):
+        meta = VideoJob._meta
+        quote = connection.ops.quote_name
+        wanted = {meta.get_field(name) for name in JOB_JSON_FIELDS}
+        # In the model's column order: Model.from_db pairs values with concrete fields in order.
+        self.fields = [f for f in meta.concrete_fields if f in wanted]
+        self.attnames = [f.attname for f in self.fields]
+        cols = ", ".join(quote(f.column) for f in self.fields)
+        base = f"SELECT {cols} FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = %s"
+        self.sql_any = base
+        self.sql_owner = base + f" AND {quote(meta.get_field('owner').column)} = %s"
+        self.converters = []
+        for field in self.fields:
+            col = field.get_col(meta.db_table)
+            found = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+            self.converters.append([(converter, col) for converter in found])
+
+    def read(self, connection, user, job_id):
+        pk = VideoJob._meta.pk.get_db_prep_value(job_id, connection)
+        with connection.cursor() as cursor:
+            if user.is_staff:
+                cursor.execute(self.sql_any, [pk])
+            else:
+                cursor.execute(self.sql_owner, [pk, user.pk])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        values = []
+        for converters, value in zip(self.converters, row):
+            for converter, col in converters:
+                value = converter(value, col, connection)
+            values.append(value)
+        return VideoJob.from_db(connection.alias, self.attnames, values)
+
+
+_JOB_READERS = {}
 
 
 def job_json(job: VideoJob) -> dict:

@@ -45,8 +45,23 @@ class Workflow(models.Model):
         return f"{self.slug} ({'active' if self.is_active else 'inactive'})"
 
 
+class VideoJobQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        """Every job write goes through here or save(): both drop the jobs' cached API answer."""
+        from generation import jobcache
+
+        if not jobcache.enabled():
+            return super().update(**kwargs)
+        ids = list(self.values_list("pk", flat=True))
+        count = super().update(**kwargs)
+        jobcache.forget(*ids)
+        return count
+
+
 class VideoJob(models.Model):
     """One image-to-video request and everything that happened to it."""
+
+    objects = VideoJobQuerySet.as_manager()
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -207,3 +222,12 @@ class WebhookDelivery(models.Model):
     def __str__(self):
         return f"Webhook {self.job_id} #{self.attempt} ({'ok' if self.ok else 'failed'})"
 
+
+def _connect_job_cache():
+    from generation.jobcache import _forget_instance
+
+    models.signals.post_save.connect(_forget_instance, sender=VideoJob, dispatch_uid="jobcache-save")
+    models.signals.post_delete.connect(_forget_instance, sender=VideoJob, dispatch_uid="jobcache-delete")
+
+
+_connect_job_cache()

@@ -225,8 +225,16 @@ I2V_BLOCK_PRIVATE_NETWORKS = env_bool("I2V_BLOCK_PRIVATE_NETWORKS", False)
 I2V_WEBHOOK_SECRET = env("I2V_WEBHOOK_SECRET") or SECRET_KEY
 I2V_JOB_TIMEOUT = env_int("I2V_JOB_TIMEOUT", 3600)
 I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 60)
+# Seconds `GET /api/jobs/{id}` answers from the shared cache (generation/jobcache.py); every job
+# write drops the entry at once. On by default with Redis only (each process has its own memory
+# otherwise).
+I2V_JOB_CACHE_SECONDS = env_float("I2V_JOB_CACHE_SECONDS", 2.0 if REDIS_URL else 0.0)
 
 # --- Auth, sessions, security ---------------------------------------------------------
+# How long a web process remembers an accepted API token without asking the database. A token
+# revoked (or a user deactivated) in another process stops working within this many seconds;
+# in the same process at once. 0 = ask the database on every request.
+I2V_TOKEN_CACHE_SECONDS = env_float("I2V_TOKEN_CACHE_SECONDS", 5.0)
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -252,7 +260,7 @@ if env_bool("DJANGO_BEHIND_PROXY", False):
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {"default": {"BACKEND": "i2v.cache.RedisCache", "LOCATION": REDIS_URL}}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

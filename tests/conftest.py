@@ -89,7 +89,10 @@ def free_port():
 def _clear_cache():
     from django.core.cache import cache
 
+    from i2v.models import token_memo
+
     cache.clear()
+    token_memo.clear()
     yield
 
 

@@ -210,3 +210,83 @@ def test_cancel_queued_job(api, enqueued):
     assert VideoJob.objects.get(pk=job_id).status == "cancelled"
     again = api.post(f"/api/jobs/{job_id}/cancel")
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+
+
+def test_one_job_reads_every_field_as_stored(api, staff_api, user, settings, enqueued):
+    """`GET /api/jobs/{id}` (what scripts poll) reads the row with its own prebuilt SELECT; it
+    answers exactly what the job looks like through the ORM, for the owner and for staff, with
+    datetimes, decimals, ids and the video URL converted as the ORM would (SQLite stores them
+    as text)."""
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from generation import domain
+    from gpu.models import VastInstance
+
+    job_id = post_image(api, {"prompt": "a ‮ rtl prompt", "negative_prompt": "blur"}, png_bytes()).json()["id"]
+    instance = VastInstance.objects.create(vast_id=4242)
+    now = timezone.now()
+    VideoJob.objects.filter(pk=job_id).update(
+        status="completed", progress=1.0, step=4, steps_total=4, current_node="9", queue_position=None,
+        prompt_id="p-1", error="", note="resubmitted once", cost_usd=Decimal("0.0123"),
+        started_at=now, finished_at=now, video="videos/x.mp4", video_size=1234, instance=instance)
+    job = VideoJob.objects.get(pk=job_id)
+    assert domain.job_json(domain.read_job(user, job_id)) == domain.job_json(job)
+    answer = api.get(f"/api/jobs/{job_id}").json()
+    assert answer == staff_api.get(f"/api/jobs/{job_id}").json()
+    assert answer["instance_id"] == str(instance.pk) and answer["cost_usd"] == 0.0123
+    assert answer["video_url"] == f"/jobs/{job_id}/video" and answer["video_size"] == 1234
+    assert answer["prompt"] == "a ‮ rtl prompt" and answer["note"] == "resubmitted once"
+    listed = api.get("/api/jobs?limit=1").json()["items"][0]
+    assert answer == listed
+    for key in ("started_at", "finished_at", "created_at"):
+        assert answer[key].startswith(getattr(job, key).strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+@pytest.fixture
+def job_cache(settings):
+    settings.I2V_JOB_CACHE_SECONDS = 30
+
+
+def test_polled_job_is_answered_from_the_cache_without_the_database(api, job_cache, enqueued):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    first = api.get(f"/api/jobs/{job_id}").json()
+    with CaptureQueriesContext(connection) as ctx:
+        again = api.get(f"/api/jobs/{job_id}").json()
+    assert again == first and len(ctx.captured_queries) == 0
+
+
+def test_every_kind_of_job_write_shows_at_once_through_the_cache(api, job_cache, enqueued):
+    """The worker's progress updates (queryset update), transitions and saves, and a cancel,
+    each show in the very next poll even though the answer is cached for 30 s."""
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 0
+    VideoJob.objects.filter(pk=job_id).update(step=2, steps_total=4, progress=0.5)
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 2
+    job = VideoJob.objects.get(pk=job_id)
+    job.transition("running")
+    assert api.get(f"/api/jobs/{job_id}").json()["status"] == "running"
+    job.refresh_from_db()
+    job.note = "the GPU is warming up"
+    job.save()
+    assert api.get(f"/api/jobs/{job_id}").json()["note"] == "the GPU is warming up"
+    cancelled = api.post(f"/api/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200
+    assert api.get(f"/api/jobs/{job_id}").json() == cancelled.json()
+    VideoJob.objects.filter(pk=job_id).delete()
+    assert api.get(f"/api/jobs/{job_id}").status_code == 404
+
+
+def test_a_cached_job_is_still_404_for_other_users_and_visible_to_staff(api, client, other_token, staff_api,
+                                                                       job_cache, enqueued):
+    from tests.conftest import Api
+
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    assert api.get(f"/api/jobs/{job_id}").status_code == 200  # now cached
+    other = Api(client, other_token)
+    assert other.get(f"/api/jobs/{job_id}").status_code == 404
+    assert staff_api.get(f"/api/jobs/{job_id}").json()["id"] == job_id

@@ -1,3 +1,8 @@
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
 from i2v.models import ApiToken, hash_token
 
 
@@ -73,3 +78,76 @@ def test_login_is_rate_limited(client, user):
     resp = client.post("/accounts/login/", {"username": "alice", "password": "alice-pass-123"})
     assert resp.status_code == 429
     assert "Too many failed logins" in resp.content.decode()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from i2v.models import token_memo
+
+    fake = FakeClock()
+    monkeypatch.setattr(token_memo, "clock", fake)
+    return fake
+
+
+def test_token_memo_skips_the_database_and_a_revocation_elsewhere_takes_effect_within_its_lifetime(
+        client, user, clock, settings):
+    """A web process remembers an accepted token for I2V_TOKEN_CACHE_SECONDS. A revocation made in
+    another process (here: a plain UPDATE, as another gunicorn worker's admin save would look)
+    is honoured once that time has passed, never later."""
+    settings.I2V_TOKEN_CACHE_SECONDS = 5
+    row, key = ApiToken.issue(user)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/api/gpu/config", headers=auth).status_code == 200
+    ApiToken.objects.filter(pk=row.pk).update(revoked_at=timezone.now())
+    with CaptureQueriesContext(connection) as ctx:
+        assert client.get("/api/jobs?limit=1", headers=auth).status_code == 200
+    assert ctx.captured_queries, "the job list itself is read"
+    assert not any("apitoken" in q["sql"].lower() for q in ctx.captured_queries)
+    clock.now += 4.9
+    assert client.get("/api/gpu/config", headers=auth).status_code == 200
+    clock.now += 0.2
+    assert client.get("/api/gpu/config", headers=auth).status_code == 401
+
+
+def test_token_memo_forgets_at_once_what_this_process_changes(client, user, clock, settings):
+    settings.I2V_TOKEN_CACHE_SECONDS = 60
+    row, key = ApiToken.issue(user)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/api/gpu/config", headers=auth).status_code == 200
+    user.is_active = False
+    user.save()
+    assert client.get("/api/gpu/config", headers=auth).status_code == 401
+    user.is_active = True
+    user.save()
+    assert client.get("/api/gpu/config", headers=auth).status_code == 200
+    row.delete()
+    assert client.get("/api/gpu/config", headers=auth).status_code == 401
+
+
+def test_token_memo_off_asks_the_database_every_time(client, user, settings):
+    settings.I2V_TOKEN_CACHE_SECONDS = 0
+    row, key = ApiToken.issue(user)
+    auth = {"Authorization": f"Bearer {key}"}
+    assert client.get("/api/gpu/config", headers=auth).status_code == 200
+    ApiToken.objects.filter(pk=row.pk).update(revoked_at=timezone.now())
+    assert client.get("/api/gpu/config", headers=auth).status_code == 401
+
+
+def test_staff_rights_removed_in_this_process_apply_at_once(client, staff, settings):
+    settings.I2V_TOKEN_CACHE_SECONDS = 60
+    _, key = ApiToken.issue(staff)
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"gpu_provider": "local", "comfyui_url": "http://127.0.0.1:8188"}
+    assert client.post("/api/gpu/config", body, content_type="application/json", headers=auth).status_code == 200
+    staff.is_staff = False
+    staff.save()
+    resp = client.post("/api/gpu/config", body, content_type="application/json", headers=auth)
+    assert resp.status_code == 403, resp.content

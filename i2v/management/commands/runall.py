@@ -14,9 +14,10 @@ class Command(BaseCommand):
         host = os.environ.get("HOST", "127.0.0.1")
         port = os.environ.get("PORT", "8000")
         workers = os.environ.get("WEB_CONCURRENCY", "2")
+        threads = os.environ.get("WEB_THREADS", "4")
         web = [
             sys.executable, "-m", "gunicorn", "i2v.wsgi:application",
-            "--bind", f"{host}:{port}", "--workers", workers, "--threads", "4",
+            "--bind", f"{host}:{port}", "--workers", workers, "--threads", threads,
             "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-",
         ]
         worker = [sys.executable, "manage.py", "qcluster"]

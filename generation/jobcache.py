@@ -1,0 +1,46 @@
+"""The answer of `GET /api/jobs/{id}` kept in the shared cache for a moment.
+
+Scripts poll that endpoint for progress, so it is the one read that sees real load. The JSON of
+a job (and its owner) is kept under `i2v:job:<id>` for `I2V_JOB_CACHE_SECONDS`; every write to a
+job, through `save()`, `delete()` or a queryset `update()` (the worker's progress updates, the
+transitions), drops it at once and again after the transaction commits. What is left: a reader
+that read the row just before a write may store the old answer after the write dropped it; that
+answer lives at most `I2V_JOB_CACHE_SECONDS`.
+
+On by default only with Redis (`REDIS_URL`): the web processes and the worker then share one
+cache. With the embedded defaults each process has its own memory, the worker's writes could not
+reach the web processes' copies, so it stays off (0)."""
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+
+PREFIX = "i2v:job:"
+
+
+def enabled():
+    return settings.I2V_JOB_CACHE_SECONDS > 0
+
+
+def get(job_id):
+    if not enabled():
+        return None
+    return cache.get(f"{PREFIX}{job_id}")
+
+
+def put(job_id, owner_id, answer):
+    if enabled():
+        cache.set(f"{PREFIX}{job_id}", (owner_id, answer), settings.I2V_JOB_CACHE_SECONDS)
+
+
+def forget(*job_ids):
+    if not enabled() or not job_ids:
+        return
+    keys = [f"{PREFIX}{job_id}" for job_id in job_ids]
+    cache.delete_many(keys)
+    # A reader in between may have stored the row as it was before this transaction commits.
+    transaction.on_commit(lambda: cache.delete_many(keys))
+
+
+def _forget_instance(sender, instance, **kwargs):
+    forget(instance.pk)
