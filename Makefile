@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test install install-dev bench bench-load clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) bench/bench_jobs.py
+
+# The load figures of docs/reliability.md: `make run`'s stack on PostgreSQL + Redis, driven by wrk.
+bench-load: $(VENV)/.dev
+	command -v wrk >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk)
+	$(PY) bench/bench_load.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
