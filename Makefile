@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test install install-dev bench bench-load clean
+.PHONY: run test test-long install install-dev bench bench-load clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(VENV)/.dev
 	@# The browser tests drive Debian's Chromium; never `playwright install` (it downloads its own build).
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long variants (marked `slow`) of tests whose bounded variants run in `make test`.
+test-long: $(VENV)/.dev
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
 	$(PY) bench/bench_jobs.py

@@ -129,3 +129,14 @@ def s3_server():
         s3.create_bucket(Bucket=name)
     yield url
     server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` are the long variants of bounded tests that do run in CI: skipped
+    unless asked for with `-m slow` (`make test-long`)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="long variant: `make test-long` runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

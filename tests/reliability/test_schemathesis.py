@@ -2,7 +2,7 @@
 with a valid staff token (so every route reaches its real code), no generated request may
 get a 5xx answer. vast.ai is configured against its double (unconfigured, its routes
 answer a documented 503). Bounded (`MAX_EXAMPLES` per operation) so it stays well under a minute in CI;
-`I2V_FUZZ_EXAMPLES=500 pytest tests/reliability/test_schemathesis.py` digs deeper."""
+`make test-long` runs 300 fresh examples per operation (`I2V_FUZZ_EXAMPLES_LONG`)."""
 
 import os
 import socket
@@ -60,6 +60,20 @@ def fuzz_token(db):
 @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 def test_api_never_answers_5xx(case, fuzz_token):
-    response = case.call(headers={"Authorization": f"Bearer {fuzz_token}"})
+    check_no_5xx(case, fuzz_token)
+
+
+def check_no_5xx(case, token):
+    response = case.call(headers={"Authorization": f"Bearer {token}"})
     assert response.status_code < 500, (
         f"{case.method} {case.formatted_path} -> {response.status_code}\n{case.as_curl_command()}\n{response.text[:2000]}")
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(max_examples=int(os.environ.get("I2V_FUZZ_EXAMPLES_LONG", "300")), deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+def test_api_never_answers_5xx_long(case, fuzz_token):
+    """The long variant (`make test-long`): more examples, and new ones on every run (not
+    derandomized)."""
+    check_no_5xx(case, fuzz_token)
