@@ -11,10 +11,13 @@ On by default only with Redis (`REDIS_URL`): the web processes and the worker th
 cache. With the embedded defaults each process has its own memory, the worker's writes could not
 reach the web processes' copies, so it stays off (0)."""
 
+import logging
+
 from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
+log = logging.getLogger(__name__)
 PREFIX = "i2v:job:"
 
 
@@ -22,24 +25,42 @@ def enabled():
     return settings.I2V_JOB_CACHE_SECONDS > 0
 
 
+# The cache is an accelerator: when it fails, reads go to the database and writes still happen
+# (an entry a failed delete left behind expires within I2V_JOB_CACHE_SECONDS).
+
+
 def get(job_id):
     if not enabled():
         return None
-    return cache.get(f"{PREFIX}{job_id}")
+    try:
+        return cache.get(f"{PREFIX}{job_id}")
+    except Exception as exc:  # noqa: BLE001 - any cache failure means "not cached"
+        log.warning("job cache unavailable: %s", exc)
+        return None
 
 
 def put(job_id, owner_id, answer):
     if enabled():
-        cache.set(f"{PREFIX}{job_id}", (owner_id, answer), settings.I2V_JOB_CACHE_SECONDS)
+        try:
+            cache.set(f"{PREFIX}{job_id}", (owner_id, answer), settings.I2V_JOB_CACHE_SECONDS)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job cache unavailable: %s", exc)
+
+
+def _delete(keys):
+    try:
+        cache.delete_many(keys)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("job cache unavailable: %s", exc)
 
 
 def forget(*job_ids):
     if not enabled() or not job_ids:
         return
     keys = [f"{PREFIX}{job_id}" for job_id in job_ids]
-    cache.delete_many(keys)
+    _delete(keys)
     # A reader in between may have stored the row as it was before this transaction commits.
-    transaction.on_commit(lambda: cache.delete_many(keys))
+    transaction.on_commit(lambda: _delete(keys))
 
 
 def _forget_instance(sender, instance, **kwargs):

@@ -290,3 +290,18 @@ def test_a_cached_job_is_still_404_for_other_users_and_visible_to_staff(api, cli
     other = Api(client, other_token)
     assert other.get(f"/api/jobs/{job_id}").status_code == 404
     assert staff_api.get(f"/api/jobs/{job_id}").json()["id"] == job_id
+
+
+def test_a_failing_cache_costs_speed_not_answers_or_writes(api, settings, enqueued):
+    """The job cache pointed at a Redis that is not there: polls are answered from the
+    database and job writes still land."""
+    from tests.conftest import free_port
+
+    settings.I2V_JOB_CACHE_SECONDS = 30
+    settings.CACHES = {"default": {"BACKEND": "i2v.cache.RedisCache",
+                                   "LOCATION": f"redis://127.0.0.1:{free_port()}/0",
+                                   "OPTIONS": {"socket_connect_timeout": 0.5}}}
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 0
+    VideoJob.objects.filter(pk=job_id).update(step=3)
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 3
