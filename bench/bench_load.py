@@ -54,7 +54,7 @@ def sh(*cmd, env=None):
 
 
 def start_app(web_concurrency, web_threads=4):
-    sh("dropdb", "--if-exists", "-h", "127.0.0.1", "-U", "postgres", DB)
+    sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", DB)
     sh("createdb", "-h", "127.0.0.1", "-U", "postgres", DB)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("R2_BUCKET",)}
@@ -155,8 +155,11 @@ def _client_proc(args):
 
 
 def _wrk_ms(text):
-    value, unit = float(text[:-2] if text.endswith(("ms", "us")) else text[:-1]), text[-2:]
-    return value / 1000 if unit == "us" else value if unit == "ms" else value * 1000
+    """wrk prints latencies as 812.00us, 26.74ms or 1.10s."""
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    raise ValueError(f"not a wrk latency: {text!r}")
 
 
 def measure_wrk(base, token, paths, seconds, clients=50):
@@ -178,8 +181,8 @@ def measure_wrk(base, token, paths, seconds, clients=50):
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {"n": n, "errors": (int(bad.group(1)) if bad else 0) + (sum(map(int, errors.groups())) if errors else 0),
-            "p50": _wrk_ms(re.search(r"50%\s+(\S+)", out).group(1)),
-            "p99": _wrk_ms(re.search(r"99%\s+(\S+)", out).group(1)),
+            "p50": _wrk_ms(re.search(r"^\s+50%\s+(\S+)$", out, re.M).group(1)),
+            "p99": _wrk_ms(re.search(r"^\s+99%\s+(\S+)$", out, re.M).group(1)),
             "rps": float(re.search(r"Requests/sec:\s+(\S+)", out).group(1))}
 
 
