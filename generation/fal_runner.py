@@ -14,7 +14,6 @@ import time
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.files import File
 from django.core.files.storage import default_storage
 from django.urls import reverse
 from django.utils import timezone
@@ -72,6 +71,8 @@ def fail_job(job, message):
 
 def advance(job_id, deadline: float) -> bool:
     """Move a fal job forward until `deadline`. True once it is terminal."""
+    from generation.runner import StorageFailed
+
     job = VideoJob.objects.filter(pk=job_id).first()
     if job is None or job.is_terminal:
         return True
@@ -89,6 +90,13 @@ def advance(job_id, deadline: float) -> bool:
             store_output(job, fal)
     except FalJobFailed as exc:
         fail_job(job, str(exc))
+    except StorageFailed as exc:
+        from generation.runner import STORAGE_ADVICE, storage_gave_up
+
+        if not storage_gave_up(job):
+            log.warning("job %s: %s; will retry", job.id, exc)
+            return False
+        fail_job(job, f"{exc} {STORAGE_ADVICE}")
     except FalError as exc:
         since = job.status_changed_at or job.created_at
         if exc.retryable and (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE:
@@ -187,11 +195,11 @@ def store_output(job, fal):
     url = (job.provider_urls or {}).get("output_url")
     if not url:
         raise FalJobFailed("The fal.ai output of this job is unknown.")
-    from generation.runner import ResponseStream, finish_accounting
+    from generation.runner import ResponseStream, finish_accounting, save_video
 
     with fal.open_download(url) as resp:
         stream = ResponseStream(resp)
-        name = default_storage.save(f"videos/{job.id}.mp4", File(stream, name=f"{job.id}.mp4"))
+        name = save_video(f"videos/{job.id}.mp4", stream)
     job.refresh_from_db()
     if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, cost_usd=estimate(job)):
         default_storage.delete(name)

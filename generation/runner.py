@@ -36,11 +36,16 @@ TROUBLESHOOTING = (
 )
 MAX_SUBMITS = 2  # the first submission, plus one resubmission if ComfyUI lost the run
 POLL_EVERY = 2.0  # seconds between /history checks while the websocket is quiet
-UNREACHABLE_GRACE = 120  # seconds ComfyUI may stay unreachable before the job fails
+UNREACHABLE_GRACE = settings.I2V_COMFYUI_GRACE  # seconds ComfyUI may stay unreachable before the job fails
+STORAGE_GRACE = 120  # seconds the storage (R2) may keep refusing a finished video before the job fails
 
 
 class JobFailed(Exception):
     pass
+
+
+class StorageFailed(Exception):
+    """The storage (R2) did not take the video, after botocore's own retries."""
 
 
 class WaitingForGpu(Exception):
@@ -82,9 +87,22 @@ def target_for(job):
     )
 
 
+def comfyui_timeout() -> float:
+    """Seconds to wait for one ComfyUI answer: 30, or less when the task timeout is short.
+
+    A slice can overrun its deadline by a websocket handshake plus one GET with its retries
+    (3 tries and 1.5 s of backoff) when ComfyUI accepts connections but stops answering. That
+    must still end inside the task's `timeout`: a task django-q kills neither hands the job
+    back to the queue nor counts the hang toward UNREACHABLE_GRACE, so the job would stay
+    running with nobody following it."""
+    budget = settings.Q_CLUSTER["timeout"] - settings.I2V_FOLLOW_SLICE - 2.0
+    return max(0.5, min(30.0, budget / 5))
+
+
 def client_for(job) -> ComfyUIClient:
     url, token, _ = target_for(job)
-    return ComfyUIClient(url, token=token or None, connect_timeout=5.0, read_timeout=30.0)
+    timeout = comfyui_timeout()
+    return ComfyUIClient(url, token=token or None, connect_timeout=min(5.0, timeout), read_timeout=timeout)
 
 
 def _expected_steps(graph) -> int:
@@ -154,6 +172,13 @@ def advance(job_id, deadline: float) -> bool:
             store_output(job, conn.client)
     except JobFailed as exc:
         _fail(job, str(exc))
+    except StorageFailed as exc:
+        # The video is still on ComfyUI: an R2 outage is waited out for a while, not fatal at once.
+        # (Uncaught, it used to end the task chain and leave the job `uploading` for ever.)
+        if not storage_gave_up(job):
+            log.warning("job %s: %s; will retry", job.id, exc)
+            return False
+        _fail(job, f"{exc} {STORAGE_ADVICE}")
     except WaitingForGpu:
         # Nothing to do until the instance is ready: idle briefly rather than spin through the queue.
         time.sleep(max(0.0, min(GPU_WAIT_PAUSE, deadline - time.monotonic())))
@@ -188,7 +213,7 @@ class Connection:
         if self.events is not None:
             return
         try:
-            self._cm = self.client.events(client_id)
+            self._cm = self.client.events(client_id, open_timeout=self.client.read_timeout)
             self.events = self._cm.__enter__()
         except ComfyUIError as exc:
             log.info("websocket unavailable (%s); following by polling", exc)
@@ -434,12 +459,39 @@ def store_output(job, client):
     ext = out["filename"].rsplit(".", 1)[-1].lower() if "." in out["filename"] else "mp4"
     with client.open_view(out["filename"], out.get("subfolder", ""), out.get("type", "output")) as resp:
         stream = ResponseStream(resp)
-        name = default_storage.save(f"videos/{job.id}.{ext}", File(stream, name=f"{job.id}.{ext}"))
+        name = save_video(f"videos/{job.id}.{ext}", stream)
     job.refresh_from_db()
     if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=job.steps_total):
         default_storage.delete(name)  # cancelled meanwhile: keep no orphan
         return
     finish_accounting(job)
+
+
+STORAGE_ADVICE = (
+    f"Gave up after {STORAGE_GRACE} s. Check the storage (the R2 settings and Cloudflare's status, or "
+    "the free disk space for local files), then run the job again."
+)
+
+
+def save_video(name, stream) -> str:
+    """Stream a video into the default storage; the name it was stored under. Raises StorageFailed.
+
+    A failed upload leaves no object behind: S3/R2 creates an object only when its PutObject (or
+    CompleteMultipartUpload) succeeds, and s3transfer aborts a multipart upload that failed."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return default_storage.save(name, File(stream, name=name.rsplit("/", 1)[-1]))
+    except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+        raise StorageFailed(f"Could not upload the video to the storage: {exc}") from exc
+
+
+def storage_gave_up(job) -> bool:
+    """Whether a job whose upload failed has been uploading for longer than STORAGE_GRACE."""
+    job.refresh_from_db()
+    since = job.status_changed_at or job.created_at
+    return (timezone.now() - since).total_seconds() >= STORAGE_GRACE
 
 
 class ResponseStream(io.RawIOBase):
@@ -455,6 +507,20 @@ class ResponseStream(io.RawIOBase):
 
     def seekable(self):
         return False
+
+    def read(self, size=-1):
+        """`size` bytes, fewer only at the end. s3transfer decides multipart by the length of its
+        first read(8 MiB) and cuts parts by what read() returns: a short read (one 1 MiB chunk)
+        made every video a single PutObject held whole in memory."""
+        if size is None or size < 0:
+            return self.readall()
+        out = bytearray()
+        while len(out) < size:
+            chunk = super().read(size - len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
 
     def readinto(self, b):
         while not self._buf:

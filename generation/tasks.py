@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.db.models import Q
 from django.utils import timezone
 
@@ -21,29 +22,67 @@ def enqueue(func, *args):
     async_task(func, *args, group="jobs")
 
 
+DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+def with_database(fn, until):
+    """fn(), tried again while the database cannot be reached (PostgreSQL restarting, a
+    dropped connection) until the monotonic time `until`, then the error is raised. Each
+    failure closes the broken connection, so the next try connects afresh."""
+    pause = 0.2
+    while True:
+        try:
+            return fn()
+        except DATABASE_DOWN as exc:
+            close_old_connections()
+            if time.monotonic() + pause >= until:
+                raise
+            log.warning("database unavailable (%s); retrying", exc)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
 def run_job(job_id):
     """Advance one job for at most one slice, then hand it back to the queue if unfinished.
 
     A lease on the row makes a duplicate delivery (broker redelivery, the watchdog) a no-op
     while another worker holds the job.
+
+    The database going away (a PostgreSQL restart) does not end the chain: the slice stops,
+    and releasing the lease and re-enqueueing wait for the database for as long as the task
+    may live. (A task that raised would hand the job to nobody: the broker acknowledges it,
+    and only the watchdog would find the job again, minutes later.)
     """
+    started = time.monotonic()
     slice_seconds = settings.I2V_FOLLOW_SLICE
+    # Leave django-q2's alarm (at `timeout`) a margin: a task it kills can't hand the job on.
+    until = started + max(slice_seconds, settings.Q_CLUSTER["timeout"] - 1.0)
     token = uuid.uuid4().hex
-    now = timezone.now()
-    got = VideoJob.objects.filter(
-        Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
-    # The lease lasts as long as django-q2 lets a task live (`timeout` < `retry`), so a task
-    # redelivered after a worker died always finds the dead worker's lease expired.
-    ).update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
-    if not got:
+
+    def take_lease():
+        now = timezone.now()
+        return VideoJob.objects.filter(
+            Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
+        # The lease lasts as long as django-q2 lets a task live (`timeout` < `retry`), so a task
+        # redelivered after a worker died always finds the dead worker's lease expired.
+        ).update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
+
+    if not with_database(take_lease, until):
         return "busy-or-finished"
     done = False
     try:
-        done = runner.advance(job_id, deadline=time.monotonic() + slice_seconds)
+        done = runner.advance(job_id, deadline=started + slice_seconds)
+    except DATABASE_DOWN as exc:
+        # Every step is keyed by what is stored on the job: the next slice resumes it.
+        log.warning("job %s: database unavailable during the slice (%s); continuing later", job_id, exc)
     finally:
-        VideoJob.objects.filter(pk=job_id, lease_token=token).update(lease_token="", lease_until=None)
+        # Released before re-enqueueing: the next task must not find this lease and give up.
+        with_database(
+            lambda: VideoJob.objects.filter(pk=job_id, lease_token=token).update(lease_token="", lease_until=None), until
+        )
     if not done:
-        enqueue("generation.tasks.run_job", str(job_id))
+        # The ORM broker enqueues into the database too.
+        with_database(lambda: enqueue("generation.tasks.run_job", str(job_id)), until)
         return "continued"
     return "done"
 

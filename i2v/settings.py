@@ -229,6 +229,8 @@ I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 60)
 # write drops the entry at once. On by default with Redis only (each process has its own memory
 # otherwise).
 I2V_JOB_CACHE_SECONDS = env_float("I2V_JOB_CACHE_SECONDS", 2.0 if REDIS_URL else 0.0)
+# Seconds ComfyUI may stay unreachable (or stop answering) during a job before the job fails.
+I2V_COMFYUI_GRACE = env_int("I2V_COMFYUI_GRACE", 120)
 
 # --- Auth, sessions, security ---------------------------------------------------------
 # How long a web process remembers an accepted API token without asking the database. A token

@@ -290,6 +290,7 @@ class ComfyUIDouble(LoopServer):
 
         self._lock = threading.Lock()  # guards the observation lists and fail_http rules
         self.requests: list[RecordedRequest] = []
+        self.view_bytes_sent = 0  # output bytes written to /view responses so far
         self.prompt_posts: collections.Counter = collections.Counter()
         self.submitted: list[dict] = []
         self._fail_rules: list[dict] = []
@@ -769,6 +770,7 @@ class ComfyUIDouble(LoopServer):
         try:
             for piece in self._iter_blob(blob, start, end, chunk):
                 await response.write(piece)
+                self.view_bytes_sent += len(piece)
                 delay = self.view_chunk_delay or 0
                 if self.view_bytes_per_second:
                     delay += len(piece) / self.view_bytes_per_second
