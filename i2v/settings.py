@@ -229,6 +229,8 @@ I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 60)
 # write drops the entry at once. On by default with Redis only (each process has its own memory
 # otherwise).
 I2V_JOB_CACHE_SECONDS = env_float("I2V_JOB_CACHE_SECONDS", 2.0 if REDIS_URL else 0.0)
+# Files under videos/ and inputs/ that no job references are deleted once this old (seconds).
+I2V_SWEEP_AFTER = env_int("I2V_SWEEP_AFTER", 6 * 3600)
 # Seconds ComfyUI may stay unreachable (or stop answering) during a job before the job fails.
 I2V_COMFYUI_GRACE = env_int("I2V_COMFYUI_GRACE", 120)
 
