@@ -140,3 +140,72 @@ class LoopServer:
             return result
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+
+class StreamServer:
+    """A raw asyncio stream server on 127.0.0.1 (a free port) run from a background thread: the
+    lifecycle the TCP and HTTP fault proxies share. Subclasses define `async _handle(reader,
+    writer)` and may override `_on_stop()` (called in the loop as it stops)."""
+
+    host = "127.0.0.1"
+    port = None
+    _loop = None
+    _server = None
+    _thread = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        started = threading.Event()
+        failure = []
+
+        def run():
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0))
+                self.port = self._server.sockets[0].getsockname()[1]
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            self._server.close()
+            self._on_stop()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        started.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self):
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+    def _on_stop(self):
+        pass
+
+    def wait_for(self, predicate, timeout=10.0, interval=0.01):
+        """Wait until predicate(self) holds (a condition with a deadline, not a pause)."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{type(self).__name__}.wait_for: condition not met")
+            time.sleep(interval)

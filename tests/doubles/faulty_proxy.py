@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
+from tests.doubles.base import StreamServer
+
 ERROR_CODES = {500: ("InternalError", "We encountered an internal error. Please try again."),
                502: ("BadGateway", "Bad Gateway"),
                503: ("ServiceUnavailable", "Please reduce your request rate."),
@@ -76,7 +78,7 @@ class Seen:
     at: float = field(default_factory=time.monotonic)
 
 
-class FaultyHttpProxy:
+class FaultyHttpProxy(StreamServer):
     def __init__(self, upstream_url, host="127.0.0.1"):
         parts = urlsplit(upstream_url)
         self.upstream = (parts.hostname, parts.port or 80)
@@ -85,60 +87,10 @@ class FaultyHttpProxy:
         self.requests: list[Seen] = []
         self._rules: list[Rule] = []
         self._lock = threading.Lock()
-        self._loop = None
-        self._server = None
-        self._thread = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def start(self):
-        started = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0))
-                self.port = self._server.sockets[0].getsockname()[1]
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            self._server.close()
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="faulty-http-proxy", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self):
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
 
     # ------------------------------------------------------------------ test-facing
 
@@ -160,13 +112,6 @@ class FaultyHttpProxy:
             requests = list(self.requests)
         probe = Rule(method, pattern, query, "observe", times=None)
         return [r for r in requests if probe.matches(r.method, r.path, r.query) and (fault is ANY or r.fault == fault)]
-
-    def wait_for(self, predicate, timeout=10.0, interval=0.01):
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() > deadline:
-                raise TimeoutError("FaultyHttpProxy.wait_for: condition not met")
-            time.sleep(interval)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -18,10 +18,11 @@ while cut), `active` (connections open now), `cut_connections` (connections `cut
 
 import asyncio
 import threading
-import time
+
+from tests.doubles.base import StreamServer
 
 
-class TcpProxy:
+class TcpProxy(StreamServer):
     def __init__(self, upstream_host, upstream_port, host="127.0.0.1"):
         self.upstream = (upstream_host, int(upstream_port))
         self.host = host
@@ -31,55 +32,6 @@ class TcpProxy:
         self.cut_connections = 0
         self._down = False
         self._pairs = set()  # (client writer, upstream writer)
-        self._loop = None
-        self._server = None
-        self._thread = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def start(self):
-        started = threading.Event()
-        failure = []
-
-        def run():
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0))
-                self.port = self._server.sockets[0].getsockname()[1]
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            self._server.close()
-            self._abort_all()
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="tcp-proxy", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if failure:
-            raise failure[0]
-        return self
-
-    def stop(self):
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
 
     # ------------------------------------------------------------------ test-facing
 
@@ -101,13 +53,6 @@ class TcpProxy:
         """Proxy new connections again."""
         self._call(lambda: setattr(self, "_down", False))
 
-    def wait_for(self, predicate, timeout=10.0, interval=0.02):
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() > deadline:
-                raise TimeoutError("TcpProxy.wait_for: condition not met")
-            time.sleep(interval)
-
     # ------------------------------------------------------------------ plumbing
 
     def _call(self, fn, timeout=10):
@@ -124,6 +69,9 @@ class TcpProxy:
         if not done.wait(timeout):
             raise TimeoutError("TcpProxy: the proxy loop did not answer")
         return result[0] if result else None
+
+    def _on_stop(self):
+        self._abort_all()
 
     def _abort_all(self):
         for client, upstream in list(self._pairs):
