@@ -194,8 +194,8 @@ def get_job(request, job_id: uuid.UUID):
         if job is None:
             raise HttpError(404, "No such job.")
         # Validated and rendered once; a cached answer is sent as these bytes.
-        body = renderer.render(request, JobOut.model_validate(domain.job_json(job)).model_dump(),
-                                                 response_status=200)
+        answer = JobOut.model_validate(domain.job_json(job)).model_dump()
+        body = renderer.render(request, answer, response_status=200)
         cached = (job.owner_id, body)
         jobcache.put(job_id, *cached)
     owner_id, body = cached

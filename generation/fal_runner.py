@@ -71,7 +71,7 @@ def fail_job(job, message):
 
 def advance(job_id, deadline: float) -> bool:
     """Move a fal job forward until `deadline`. True once it is terminal."""
-    from generation.runner import StorageFailed
+    from generation.runner import StorageFailed, storage_retry
 
     job = VideoJob.objects.filter(pk=job_id).first()
     if job is None or job.is_terminal:
@@ -91,12 +91,8 @@ def advance(job_id, deadline: float) -> bool:
     except FalJobFailed as exc:
         fail_job(job, str(exc))
     except StorageFailed as exc:
-        from generation.runner import STORAGE_ADVICE, storage_gave_up
-
-        if not storage_gave_up(job):
-            log.warning("job %s: %s; will retry", job.id, exc)
+        if storage_retry(job, exc, fail_job):
             return False
-        fail_job(job, f"{exc} {STORAGE_ADVICE}")
     except FalError as exc:
         since = job.status_changed_at or job.created_at
         if exc.retryable and (timezone.now() - since).total_seconds() < UNREACHABLE_GRACE:

@@ -175,10 +175,8 @@ def advance(job_id, deadline: float) -> bool:
     except StorageFailed as exc:
         # The video is still on ComfyUI: an R2 outage is waited out for a while, not fatal at once.
         # (Uncaught, it used to end the task chain and leave the job `uploading` for ever.)
-        if not storage_gave_up(job):
-            log.warning("job %s: %s; will retry", job.id, exc)
+        if storage_retry(job, exc, _fail):
             return False
-        _fail(job, f"{exc} {STORAGE_ADVICE}")
     except WaitingForGpu:
         # Nothing to do until the instance is ready: idle briefly rather than spin through the queue.
         time.sleep(max(0.0, min(GPU_WAIT_PAUSE, deadline - time.monotonic())))
@@ -487,11 +485,16 @@ def save_video(name, stream) -> str:
         raise StorageFailed(f"Could not upload the video to the storage: {exc}") from exc
 
 
-def storage_gave_up(job) -> bool:
-    """Whether a job whose upload failed has been uploading for longer than STORAGE_GRACE."""
+def storage_retry(job, exc, fail) -> bool:
+    """After a StorageFailed: True to try the upload again in the next slice; once the job has
+    been uploading for STORAGE_GRACE, fail(job, message) it instead and return False."""
     job.refresh_from_db()
     since = job.status_changed_at or job.created_at
-    return (timezone.now() - since).total_seconds() >= STORAGE_GRACE
+    if (timezone.now() - since).total_seconds() < STORAGE_GRACE:
+        log.warning("job %s: %s; will retry", job.id, exc)
+        return True
+    fail(job, f"{exc} {STORAGE_ADVICE}")
+    return False
 
 
 class ResponseStream(io.RawIOBase):

@@ -104,8 +104,7 @@ class ApiToken(models.Model):
     def revoke(self):
         if self.revoked_at is None:
             self.revoked_at = timezone.now()
-            self.save(update_fields=["revoked_at"])
-        token_memo.clear()
+            self.save(update_fields=["revoked_at"])  # post_save clears token_memo
 
 
 # A token or user changed or deleted in this process: forget every remembered token at once.
