@@ -2,8 +2,9 @@
 
 Scripts poll that endpoint for progress, so it is the one read that sees real load. The JSON of
 a job (and its owner) is kept under `i2v:job:<id>` for `I2V_JOB_CACHE_SECONDS`; every write to a
-job, through `save()`, `delete()` or a queryset `update()` (the worker's progress updates, the
-transitions), drops it at once and again after the transaction commits. What is left: a reader
+job that touches a column of the answer, through `save()`, `delete()` or a queryset `update()`
+(the worker's progress updates, the transitions), drops it at once and again after the
+transaction commits; the worker's lease bookkeeping, which the answer doesn't show, does not. What is left: a reader
 that read the row just before a write may store the old answer after the write dropped it; that
 answer lives at most `I2V_JOB_CACHE_SECONDS`.
 
@@ -63,5 +64,14 @@ def forget(*job_ids):
     transaction.on_commit(lambda: _delete(keys))
 
 
-def _forget_instance(sender, instance, **kwargs):
-    forget(instance.pk)
+def shows(fields):
+    """Whether writing these fields (names or attnames) can change a job's answer."""
+    from generation.domain import JOB_JSON_FIELDS
+
+    answer = set(JOB_JSON_FIELDS) | {name.removesuffix("_id") for name in JOB_JSON_FIELDS}
+    return not answer.isdisjoint(fields)
+
+
+def _forget_instance(sender, instance, update_fields=None, **kwargs):
+    if update_fields is None or shows(update_fields):
+        forget(instance.pk)

@@ -50,7 +50,7 @@ class VideoJobQuerySet(models.QuerySet):
         """Every job write goes through here or save(): both drop the jobs' cached API answer."""
         from generation import jobcache
 
-        if not jobcache.enabled():
+        if not jobcache.enabled() or not jobcache.shows(kwargs):
             return super().update(**kwargs)
         ids = list(self.values_list("pk", flat=True))
         count = super().update(**kwargs)

@@ -305,3 +305,20 @@ def test_a_failing_cache_costs_speed_not_answers_or_writes(api, settings, enqueu
     assert api.get(f"/api/jobs/{job_id}").json()["step"] == 0
     VideoJob.objects.filter(pk=job_id).update(step=3)
     assert api.get(f"/api/jobs/{job_id}").json()["step"] == 3
+
+
+def test_the_workers_lease_bookkeeping_keeps_the_cached_answer(api, job_cache, enqueued):
+    """Writes the answer doesn't show (the worker's lease, taken and released every slice) keep the
+    cache: the next poll is still answered without the database."""
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    first = api.get(f"/api/jobs/{job_id}").json()
+    VideoJob.objects.filter(pk=job_id).update(lease_token="t", lease_until=timezone.now() + timedelta(seconds=60))
+    with CaptureQueriesContext(connection) as ctx:
+        assert api.get(f"/api/jobs/{job_id}").json() == first
+    assert len(ctx.captured_queries) == 0
