@@ -1,4 +1,4 @@
-"""The one client for fal.ai's queue REST API (see shared/protocols/providers.md §2).
+"""The one client for fal.ai's queue REST API (fal's queue API: docs.fal.ai, and fal-client's own source).
 
 Plain httpx rather than the `fal-client` package: the queue API is four calls
 (submit, status, result, cancel) plus a download, so the package would add a

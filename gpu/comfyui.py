@@ -1,4 +1,4 @@
-"""The one client for ComfyUI's HTTP + websocket API (see shared/protocols/comfyui.md).
+"""The one client for ComfyUI's HTTP + websocket API (ComfyUI 0.3.64's server.py).
 
 Every failure is a ComfyUIError whose str() a person can act on and whose `kind`
 code can branch on. The bearer token goes on every request and on the websocket

@@ -3,7 +3,7 @@
 Used for model files: presigned GET URLs that a vast.ai instance downloads from, the
 short-lived provisioning script of an instance, and the resumable multipart upload of
 `upload_models_to_r2`. Settings: R2_BUCKET, R2_ENDPOINT_URL (or R2_ACCOUNT_ID),
-R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY (see shared/protocols/providers.md section 4).
+R2_ACCESS_KEY_ID, R2_SECRET_ACCESS_KEY.
 Every failure is an R2Error whose message names what to fix; keys never appear in it.
 """
 

@@ -1,4 +1,4 @@
-"""The one client for vast.ai's REST API (see shared/protocols/providers.md section 1).
+"""The one client for vast.ai's REST API (the calls vast-cli makes).
 
 Every failure is a VastAIError whose str() a person can act on and whose `kind`
 code can branch on. The API key travels only in the Authorization header and never

@@ -66,6 +66,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "django_q",
+    # Serves /api/docs from ninja's own Swagger UI copy (without it ninja loads it from a CDN).
+    "ninja",
     "i2v",
     "gpu",
     "generation",

@@ -1,9 +1,9 @@
 """A ComfyUI test double: a real aiohttp HTTP + websocket server on 127.0.0.1.
 
-It speaks the protocol of ``shared/protocols/comfyui.md`` (ComfyUI 0.3.64, plus the
+It speaks ComfyUI's own HTTP and websocket protocol (ComfyUI 0.3.64's server.py, plus the
 newer servers' canonical-UUID ``prompt_id`` rule): the same routes (also under
 ``/api``), JSON shapes, status codes, validation errors and websocket message order.
-It serves the real ``object_info.json`` beside that document, except that model-file
+It serves a real ``/object_info`` capture (``tests/fixtures/comfyui_object_info.json``), except that model-file
 combos list the configured ``models`` and ``LoadImage`` lists the uploaded inputs.
 
     with ComfyUIDouble(run_seconds=0.2) as comfy:
@@ -83,8 +83,9 @@ from multidict import CIMultiDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 from tests.doubles.base import LoopServer, RecordedRequest, generated_bytes  # noqa: E402
-from tests.shared_docs import OBJECT_INFO as DEFAULT_OBJECT_INFO  # noqa: E402
 TINY_MP4 = REPO_ROOT / "tests/fixtures/tiny.mp4"
+# A capture of a real ComfyUI 0.3.64's GET /object_info.
+DEFAULT_OBJECT_INFO = REPO_ROOT / "tests/fixtures/comfyui_object_info.json"
 
 DEFAULT_MODELS = {
     "unet": [

@@ -1,7 +1,7 @@
 """A fal.ai queue API test double: a real aiohttp HTTP server on 127.0.0.1.
 
-It speaks the queue REST API of ``shared/protocols/providers.md`` section 2.2 for the
-Wan 2.2 image-to-video endpoints of section 2.1. ``url`` stands in for
+It speaks fal's queue REST API (as fal-client 1.0 calls it) for the Wan 2.2
+image-to-video endpoints. ``url`` stands in for
 ``https://queue.fal.run`` and also serves the output files (fal's CDN):
 
     with FalDouble(queue_polls=1, progress_polls=1) as fal:

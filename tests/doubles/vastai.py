@@ -1,6 +1,6 @@
 """A vast.ai REST API test double: a real aiohttp server on 127.0.0.1.
 
-It speaks ``shared/protocols/providers.md`` section 1: Bearer auth, the offer search
+It speaks vast.ai's REST API as vast-cli calls it: Bearer auth, the offer search
 (``POST /api/v0/bundles/`` with the eq/neq/gt/lt/gte/lte/in/notin operators, ``order``,
 ``limit``, ``type``, ``allocated_storage``), instance creation (``PUT /asks/{id}/``
 with the documented limits and error shapes), show / legacy list / destroy /

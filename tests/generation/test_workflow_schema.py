@@ -16,7 +16,7 @@ from generation.workflow_schema import (
     validate_workflow,
 )
 
-from tests.shared_docs import OBJECT_INFO as OBJECT_INFO_PATH  # noqa: E402
+OBJECT_INFO_PATH = Path(__file__).resolve().parents[1] / "fixtures/comfyui_object_info.json"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """`make run`'s steps on a fresh data dir: first-start credentials, gunicorn + qcluster, Ctrl-C."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,12 @@ def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
         assert httpx.get(f"{base}/admin/").status_code == 302
         docs = httpx.get(f"{base}/api/docs")
         assert docs.status_code == 200 and "i2v API" in httpx.get(f"{base}/api/openapi.json").text
+        # Swagger UI comes from i2v itself, so the docs work offline and behind firewalls.
+        assets = re.findall(r'<(?:script|link)[^>]*(?:src|href)="([^"]+)"', docs.text)
+        assert any("swagger-ui-bundle" in a for a in assets), docs.text
+        for asset in assets:
+            assert asset.startswith("/"), asset
+            assert httpx.get(f"{base}{asset}").status_code == 200, asset
         assert httpx.get(f"{base}/static/css/i2v.css").status_code == 200
         assert httpx.get(f"{base}/api/gpu/config").status_code == 401
         ok = httpx.get(f"{base}/api/gpu/config", headers={"Authorization": f"Bearer {token}"})
