@@ -69,7 +69,8 @@ def target_for(job):
     if config.comfyui_url:
         return config.comfyui_url, config.comfyui_token, None
     if config.gpu_provider == GpuConfig.Provider.VASTAI:
-        from gpu.provisioning import ProvisioningError, ensure_capacity_for
+        from gpu.demand import ensure_capacity_for
+        from gpu.lifecycle import ProvisioningError
 
         try:
             instance = ensure_capacity_for(job)

@@ -152,15 +152,15 @@ class VastInstanceAdmin(admin.ModelAdmin):
 
     def rent(self, request):
         """POST: rent the cheapest GPU matching the policy (what the "Rent a GPU" buttons post to)."""
-        from gpu import provisioning
+        from gpu import lifecycle
 
         if request.method == "POST":
             if not self.has_change_permission(request):
                 messages.error(request, "You may not rent vast.ai instances.")
             else:
                 try:
-                    instance = provisioning.create_instance(user=request.user)
-                except provisioning.ProvisioningError as exc:
+                    instance = lifecycle.create_instance(user=request.user)
+                except lifecycle.ProvisioningError as exc:
                     messages.error(request, f"No instance rented: {exc}")
                 else:
                     messages.success(request, f"Rented vast.ai instance {instance.vast_id} ({instance.gpu_name}, "
@@ -169,14 +169,14 @@ class VastInstanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Destroy selected instances (stops billing)")
     def destroy_selected(self, request, queryset):
-        from gpu import provisioning
+        from gpu import lifecycle
 
         done, failed = 0, []
         for instance in queryset:
             try:
-                provisioning.destroy_instance(instance, f"destroyed by {request.user.get_username()} in the admin")
+                lifecycle.destroy_instance(instance, f"destroyed by {request.user.get_username()} in the admin")
                 done += 1
-            except provisioning.ProvisioningError as exc:
+            except lifecycle.ProvisioningError as exc:
                 failed.append(f"{instance.vast_id}: {exc}")
         if done:
             messages.success(request, f"Destroyed {done} instance(s).")

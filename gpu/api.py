@@ -221,7 +221,8 @@ def _require_staff_for(request, what):
             summary="Cheapest vast.ai offers matching the GPU policy")
 def vastai_offers(request, limit: int = 10, min_vram_gb: Optional[float] = None, max_dph: Optional[float] = None,
                   gpu_names: Optional[str] = None):
-    from gpu import provisioning
+    from gpu import offers as vast_offers
+    from gpu.lifecycle import ProvisioningError
 
     if not 1 <= limit <= 50:
         raise HttpError(422, "limit: must be between 1 and 50")
@@ -231,37 +232,37 @@ def vastai_offers(request, limit: int = 10, min_vram_gb: Optional[float] = None,
         raise HttpError(422, "max_dph: must be between 0 and 128 $/hour")
     names = [n.strip() for n in gpu_names.split(",") if n.strip()] if gpu_names else None
     try:
-        offers = provisioning.search_offers(limit=limit, min_vram_gb=min_vram_gb, max_dph=max_dph, gpu_names=names)
-    except provisioning.ProvisioningError as exc:
+        offers = vast_offers.search_offers(limit=limit, min_vram_gb=min_vram_gb, max_dph=max_dph, gpu_names=names)
+    except ProvisioningError as exc:
         raise _provisioning_error(exc) from None
-    return [provisioning.offer_json(o) for o in offers]
+    return [vast_offers.offer_json(o) for o in offers]
 
 
 @router.get("/vastai/instances", response=InstanceList, summary="vast.ai instances (live ones; ?all=true for history)")
 def vastai_instances(request, show_all: bool = Query(False, alias="all")):
-    from gpu import provisioning
+    from gpu import lifecycle, offers
 
     qs = VastInstance.objects.order_by("-created_at")
     if not show_all:
         qs = qs.exclude(state=VastInstance.State.DESTROYED).exclude(state=VastInstance.State.FAILED, destroyed_at__isnull=False)
     rows = list(qs[:200])
     config = GpuConfig.get()
-    return {"items": [provisioning.instance_json(i) for i in rows], "count": len(rows),
-            "spend_today_usd": float(provisioning.spend_today()), "max_daily_spend_usd": float(config.max_daily_spend)}
+    return {"items": [lifecycle.instance_json(i) for i in rows], "count": len(rows),
+            "spend_today_usd": float(offers.spend_today()), "max_daily_spend_usd": float(config.max_daily_spend)}
 
 
 @router.post("/vastai/instances", response={202: InstanceOut, 403: VastError, 409: VastError, 422: VastError, 503: VastError},
              summary="Rent a vast.ai GPU (the given offer, else the cheapest matching one)")
 def vastai_create_instance(request, payload: CreateInstanceIn = None):
-    from gpu import provisioning
+    from gpu import lifecycle
 
     _require_staff_for(request, "rent vast.ai instances")
     offer_id = payload.offer_id if payload is not None else None
     try:
-        instance = provisioning.create_instance(offer_id=offer_id, user=request.auth)
-    except provisioning.ProvisioningError as exc:
+        instance = lifecycle.create_instance(offer_id=offer_id, user=request.auth)
+    except lifecycle.ProvisioningError as exc:
         raise _provisioning_error(exc) from None
-    return Status(202, provisioning.instance_json(instance))
+    return Status(202, lifecycle.instance_json(instance))
 
 
 def _instance_by_public_id(value: str) -> VastInstance:
@@ -278,21 +279,21 @@ def _instance_by_public_id(value: str) -> VastInstance:
 
 @router.get("/vastai/instances/{instance_id}", response={200: InstanceOut, 404: VastError}, summary="One vast.ai instance")
 def vastai_instance(request, instance_id: str):
-    from gpu import provisioning
+    from gpu import lifecycle
 
-    return provisioning.instance_json(_instance_by_public_id(instance_id))
+    return lifecycle.instance_json(_instance_by_public_id(instance_id))
 
 
 @router.delete("/vastai/instances/{instance_id}", response={200: InstanceOut, 403: VastError, 404: VastError, 409: VastError,
                                                             503: VastError},
                summary="Destroy a vast.ai instance (billing stops)")
 def vastai_destroy_instance(request, instance_id: str):
-    from gpu import provisioning
+    from gpu import lifecycle
 
     _require_staff_for(request, "destroy vast.ai instances")
     instance = _instance_by_public_id(instance_id)
     try:
-        instance = provisioning.destroy_instance(instance, f"destroyed by {request.auth.get_username()} through the API")
-    except provisioning.ProvisioningError as exc:
+        instance = lifecycle.destroy_instance(instance, f"destroyed by {request.auth.get_username()} through the API")
+    except lifecycle.ProvisioningError as exc:
         raise _provisioning_error(exc) from None
-    return provisioning.instance_json(instance)
+    return lifecycle.instance_json(instance)

@@ -1,10 +1,46 @@
-"""GPU-side business logic: config changes (recorded), availability."""
+"""GPU-side business logic: config changes (recorded), availability, and the error every
+vast.ai rental step (gpu.offers, gpu.onstart, gpu.lifecycle, gpu.reconciler) raises."""
 
+from django.conf import settings
 from django.db import transaction
 
 from gpu.models import GpuConfig, GpuConfigChange
+from gpu.vastai import VastAIClient, VastAIError
 
 CONFIG_FIELDS = ("comfyui_url", "swarmui_url", "gpu_provider", "vastai_instance_id", "comfyui_token")
+NO_KEY = ("vast.ai is not configured: set VASTAI_API_KEY (an API key from https://cloud.vast.ai/manage-keys/) "
+          "and restart the server and the worker.")
+
+
+class ProvisioningError(Exception):
+    """A GPU could not be rented, readied or destroyed; str() says what to do.
+
+    `status` is the HTTP code the API answers with; `transient` errors (vast.ai
+    unreachable, rate-limited) are worth retrying later."""
+
+    def __init__(self, message, *, status=409, transient=False):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.transient = transient
+
+    def __str__(self):
+        return self.message
+
+
+def vast_client(*, retries=3) -> VastAIClient:
+    if not settings.VASTAI_API_KEY:
+        raise ProvisioningError(NO_KEY, status=503)
+    return VastAIClient(settings.VASTAI_API_KEY, settings.VASTAI_API_URL, retries=retries,
+                        backoff=settings.VASTAI_RETRY_BACKOFF)
+
+
+def vast_error(exc: VastAIError, doing: str) -> ProvisioningError:
+    if exc.kind in ("unreachable", "timeout", "rate_limited", "quota", "http", "bad_response"):
+        return ProvisioningError(f"{doing}: {exc}", status=503, transient=exc.kind != "quota")
+    if exc.kind == "auth":
+        return ProvisioningError(f"{doing}: {exc}", status=503)
+    return ProvisioningError(f"{doing}: {exc}", status=409)
 
 
 def mask(field, value):

@@ -138,7 +138,7 @@ class VastInstance(models.Model):
     destroyed_at = models.DateTimeField(null=True, blank=True)
     cost_usd = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal("0"))
 
-    # Provisioning bookkeeping (gpu.provisioning).
+    # Provisioning bookkeeping (gpu.lifecycle, gpu.onstart).
     origin = models.CharField(max_length=12, choices=Origin.choices, default=Origin.MANUAL)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a first rental, 2+ for a replacement of a machine that died")

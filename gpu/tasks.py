@@ -5,7 +5,7 @@ import time
 
 from django.conf import settings
 
-from gpu import provisioning
+from gpu import demand, lifecycle, reconciler
 from gpu.models import VastInstance
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def wait_for_instance(instance_id):
         return "done"
     deadline = time.monotonic() + settings.I2V_FOLLOW_SLICE
     while True:
-        step = provisioning.wait_until_ready(instance)
+        step = lifecycle.wait_until_ready(instance)
         if step.done:
             return step.message or "done"
         if time.monotonic() + step.delay > deadline:
@@ -38,18 +38,18 @@ def reap_idle():
     """Schedule (every minute): destroy idle instances, rent one more if jobs wait too long."""
     if not settings.VASTAI_API_KEY:
         return "vast.ai is not configured"
-    reaped = provisioning.reap_idle()
-    added = provisioning.scale_out_if_needed()
+    reaped = demand.reap_idle()
+    added = demand.scale_out_if_needed()
     return f"reaped {len(reaped)}" + (f", scaled out to {added.vast_id}" if added else "")
 
 
 def reconcile():
-    """Schedule (every minute): make vast.ai and the database agree (see provisioning.reconcile)."""
+    """Schedule (every minute): make vast.ai and the database agree (see reconciler.reconcile)."""
     if not settings.VASTAI_API_KEY:
         return "vast.ai is not configured"
     try:
-        report = provisioning.reconcile()
-    except provisioning.ProvisioningError as exc:
+        report = reconciler.reconcile()
+    except lifecycle.ProvisioningError as exc:
         log.warning("reconcile: %s", exc)
         return str(exc)
     return {key: value for key, value in report.items() if value} or "nothing to do"

@@ -26,12 +26,12 @@ NO_PROVISIONING = (
 
 
 def _provisioning():
-    """gpu.provisioning, or None while it is not installed (the page then says so)."""
+    """gpu.lifecycle, or None while it is not installed (the page then says so)."""
     try:
-        from gpu import provisioning
+        from gpu import lifecycle
     except ImportError:
         return None
-    return provisioning
+    return lifecycle
 
 
 def _require_staff(request):
@@ -41,8 +41,9 @@ def _require_staff(request):
 
 def spent_today():
     """What vast.ai rentals have cost today, as the provisioning cap counts it (None without provisioning)."""
-    provisioning = _provisioning()
-    return provisioning.spend_today() if provisioning is not None else None
+    from gpu import offers
+
+    return offers.spend_today() if _provisioning() is not None else None
 
 
 def instance_rows(config, now=None):
@@ -58,7 +59,7 @@ def instance_rows(config, now=None):
         busy = VideoJob.objects.filter(instance=inst, status__in=VideoJob.ACTIVE).exists()
         left = None
         if inst.state == State.RUNNING and not busy:
-            # The same clock as gpu.provisioning.reap_idle: the latest of busy, ready, last job, created.
+            # The same clock as gpu.demand.reap_idle: the latest of busy, ready, last job, created.
             last_job = inst.jobs.aggregate(last=Max("finished_at"))["last"]
             since = max(t for t in (inst.last_busy_at, inst.ready_at, last_job, inst.created_at) if t)
             left = max(0.0, (since + timedelta(minutes=config.idle_minutes) - now).total_seconds())
@@ -264,11 +265,13 @@ def _offers(config):
 
     if not settings.VASTAI_API_KEY:
         return None, "Set VASTAI_API_KEY in the server's environment to rent GPUs from vast.ai."
+    from gpu import offers as vast_offers
+
     provisioning = _provisioning()
     try:
         if provisioning is not None:
             # The same search create_instance makes: the policy, machines that failed lately left out.
-            found = provisioning.search_offers(limit=OFFER_LIMIT, config=config)
+            found = vast_offers.search_offers(limit=OFFER_LIMIT, config=config)
         else:
             names = [n.strip() for n in (config.gpu_names or "").split(",") if n.strip()]
             with VastAIClient(settings.VASTAI_API_KEY, settings.VASTAI_API_URL, read_timeout=15.0, retries=1) as client:

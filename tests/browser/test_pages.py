@@ -265,7 +265,7 @@ def test_gpu_page_configure_and_test_connection(page, live_server, staff, workfl
 
 
 def test_destroy_an_instance(page, live_server, staff, workflows, settings, monkeypatch):
-    from gpu import provisioning
+    from gpu import lifecycle
 
     monkeypatch.setattr("django_q.tasks.async_task", lambda *args, **kw: None)
     with VastAIDouble(boot_seconds=None) as vast:
@@ -273,7 +273,7 @@ def test_destroy_an_instance(page, live_server, staff, workflows, settings, monk
         config = GpuConfig.get()
         config.gpu_provider, config.default_workflow = "vastai", "smoke"  # smoke needs no model download
         config.save()
-        instance = provisioning.create_instance(offer_id=7310001, user=staff)
+        instance = lifecycle.create_instance(offer_id=7310001, user=staff)
         assert vast.live_instances()
         log_in(page, live_server, username="carol", password="carol-pass-123", next_path="/gpu/")
         row = page.locator(f"#instance-{instance.id}")

@@ -1,4 +1,5 @@
-"""The vast.ai lifecycle in gpu.provisioning, against the vast.ai and ComfyUI doubles over HTTP."""
+"""Renting, booting, destroying and reconciling vast.ai GPUs (gpu.offers, gpu.onstart, gpu.lifecycle,
+gpu.reconciler, gpu.demand), against the vast.ai and ComfyUI doubles over HTTP."""
 
 import logging
 import subprocess
@@ -9,7 +10,8 @@ import pytest
 from django.utils import timezone
 
 from generation.models import ModelFile, VideoJob, Workflow
-from gpu import provisioning, tasks
+from gpu import demand, lifecycle, onstart, reconciler, tasks
+from gpu import offers as vast_offers
 from gpu.models import BadMachine, GpuConfig, VastInstance
 from gpu.vastai import ENV_VALUE_MAX, ONSTART_MAX
 from tests.conftest import free_port
@@ -30,7 +32,7 @@ def make_job(owner, status=VideoJob.Status.QUEUED, **kw):
 
 
 def test_search_offers_follow_the_policy_cheapest_first(policy, vast):
-    offers = provisioning.search_offers(limit=10)
+    offers = vast_offers.search_offers(limit=10)
 
     ids = [o["id"] for o in offers]
     assert ids[0] == CHEAPEST_MATCHING
@@ -48,7 +50,7 @@ def test_search_offers_gpu_names_and_bad_machines_narrow_the_result(policy, vast
     policy.save()
     BadMachine.objects.create(machine_id=41001, reason="exited last time")
 
-    offers = [provisioning.offer_json(o) for o in provisioning.search_offers()]
+    offers = [vast_offers.offer_json(o) for o in vast_offers.search_offers()]
 
     assert {o["gpu_name"] for o in offers} <= {"RTX 5090", "RTX 4090"}
     assert CHEAPEST_MATCHING not in {o["id"] for o in offers}
@@ -82,13 +84,13 @@ def test_create_instance_rents_the_cheapest_offer_with_password_ports_and_label(
     assert "cat > /provisioning.sh" in onstart and "ComfyUI-GGUF" in onstart
     # The password is never logged, never shown.
     assert instance.web_password not in caplog.text
-    assert instance.web_password not in str(provisioning.instance_json(instance))
+    assert instance.web_password not in str(lifecycle.instance_json(instance))
 
 
 def test_create_instance_without_api_key_says_what_to_set(policy, settings, vast):
     settings.VASTAI_API_KEY = ""
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent()
 
     assert "set VASTAI_API_KEY" in str(err.value) and err.value.status == 503
@@ -98,7 +100,7 @@ def test_create_instance_without_api_key_says_what_to_set(policy, settings, vast
 def test_create_instance_at_max_instances_is_refused(policy, vast):
     rent()
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent()
 
     assert "At the limit of 1 vast.ai instance" in str(err.value) and err.value.status == 409
@@ -110,13 +112,13 @@ def test_create_instance_over_the_daily_spend_cap_is_refused(policy, vast):
     # An earlier rental today at $2/h (counted from midnight UTC at the earliest).
     VastInstance.objects.create(vast_id=1, state=I.DESTROYED, dph_total=Decimal("2"), created_at=now - timedelta(hours=1),
                                 destroyed_at=now)
-    spent = provisioning.spend_today()
+    spent = vast_offers.spend_today()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     assert spent == (Decimal(2) * Decimal((now - max(midnight, now - timedelta(hours=1))).total_seconds()) / 3600).quantize(Decimal("0.0001"))
     policy.max_daily_spend = spent + Decimal("0.30")  # less than an hour of the cheapest offer
     policy.save()
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent()
 
     assert "Daily spend cap" in str(err.value) and f"${spent:.2f} already spent" in str(err.value)
@@ -134,7 +136,7 @@ def test_create_instance_takes_the_next_offer_when_one_vanishes(policy, vast):
 
 
 def test_create_instance_for_an_offer_outside_the_policy_is_refused(policy, vast):
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent(offer_id=7310008)  # a 12 GB RTX 3060
 
     assert "Offer 7310008 is not available or does not match the GPU policy" in str(err.value)
@@ -145,7 +147,7 @@ def test_create_instance_with_no_matching_offer_says_to_widen_the_policy(policy,
     policy.max_dph = Decimal("0.05")
     policy.save()
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent()
 
     assert "No vast.ai offer matches the GPU policy" in str(err.value) and "≤ $0.05/h" in str(err.value)
@@ -155,7 +157,7 @@ def test_models_without_r2_are_refused_before_renting(policy, vast):
     policy.default_workflow = "wan22-i2v"
     policy.save()
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
+    with pytest.raises(lifecycle.ProvisioningError) as err:
         rent()
 
     assert "needs 5 model file(s)" in str(err.value) and "R2_BUCKET" in str(err.value)
@@ -214,9 +216,9 @@ def test_provisioning_script_downloads_checks_and_skips_models(policy, r2_settin
         ModelFile(name="b", filename="b.safetensors", folder="vae", r2_key="models/vae/b.safetensors", size=len(bad),
                   sha256="0" * 64),  # wrong on purpose
     ]
-    urls = {m.name: provisioning.r2.presigned_get(m.r2_key, 600) for m in models}
+    urls = {m.name: onstart.r2.presigned_get(m.r2_key, 600) for m in models}
     script = tmp_path / "provisioning.sh"
-    script.write_text(provisioning.provisioning_script(models, urls))
+    script.write_text(onstart.provisioning_script(models, urls))
     comfy_dir = tmp_path / "ComfyUI"
     (comfy_dir / "custom_nodes" / "ComfyUI-GGUF").mkdir(parents=True)  # already installed: no git clone
     env = {"PATH": "/usr/bin:/bin", "COMFYUI_DIR": str(comfy_dir), "HOME": str(tmp_path)}
@@ -237,24 +239,24 @@ def test_instance_boots_through_loading_and_the_portal_placeholder_to_ready(poli
     instance = rent()
     comfy.token = instance.web_password
 
-    step = provisioning.wait_until_ready(instance)
-    assert not step.done and step.delay >= provisioning.POLL_MIN
+    step = lifecycle.wait_until_ready(instance)
+    assert not step.done and step.delay >= lifecycle.POLL_MIN
     instance.refresh_from_db()
     assert instance.state == I.CREATING and instance.actual_status == "" and instance.checked_at
 
     vast.advance(instance.vast_id, "loading")
-    provisioning.wait_until_ready(instance)
+    lifecycle.wait_until_ready(instance)
     instance.refresh_from_db()
     assert instance.state == I.LOADING and instance.actual_status == "loading" and "Pulling image" in instance.status_msg
 
     vast.advance(instance.vast_id, "running")
-    assert not provisioning.wait_until_ready(instance).done  # the container runs; ComfyUI is still provisioning
+    assert not lifecycle.wait_until_ready(instance).done  # the container runs; ComfyUI is still provisioning
     instance.refresh_from_db()
     assert instance.state == I.LOADING and instance.status_msg.startswith("ComfyUI is still starting")
     assert comfy.count("GET", "/system_stats") == 1
 
     comfy.placeholder = False
-    step = provisioning.wait_until_ready(instance)
+    step = lifecycle.wait_until_ready(instance)
     instance.refresh_from_db()
     assert step.done and instance.state == I.RUNNING and instance.ready_at
     assert instance.comfyui_url == f"http://127.0.0.1:{comfy.port}"
@@ -267,13 +269,13 @@ def test_wait_honours_a_429_from_vast(policy, vast):
     instance = rent()
     vast.rate_limit("/instances/*", method="GET", retry_after=7)
 
-    step = provisioning.wait_until_ready(instance)
+    step = lifecycle.wait_until_ready(instance)
 
     assert not step.done and step.delay == 7 and "rate-limiting" in step.message
     instance.refresh_from_db()
     assert instance.state == I.CREATING and instance.checked_at is None
     vast.advance(instance.vast_id, "loading")
-    provisioning.wait_until_ready(instance)
+    lifecycle.wait_until_ready(instance)
     instance.refresh_from_db()
     assert instance.state == I.LOADING
 
@@ -291,7 +293,7 @@ def test_instance_that_exits_is_destroyed_and_replaced_on_another_machine(policy
     first = rent()
     vast.advance(first.vast_id, "exited")
 
-    step = provisioning.wait_until_ready(first)
+    step = lifecycle.wait_until_ready(first)
 
     first.refresh_from_db()
     assert step.done and first.state == I.FAILED and first.destroyed_at
@@ -307,10 +309,10 @@ def test_replacements_stop_after_three_dead_machines(policy, vast):
     policy.max_instances = 1
     policy.save()
     rent()
-    for _ in range(provisioning.MAX_BOOT_ATTEMPTS):
+    for _ in range(lifecycle.MAX_BOOT_ATTEMPTS):
         row = VastInstance.objects.get(state=I.CREATING)
         vast.advance(row.vast_id, "offline")
-        provisioning.wait_until_ready(row)
+        lifecycle.wait_until_ready(row)
 
     assert VastInstance.objects.filter(state=I.FAILED).count() == 3
     assert not VastInstance.objects.filter(state__in=VastInstance.LIVE).exists() and live_vast_ids(vast) == []
@@ -320,10 +322,10 @@ def test_replacements_stop_after_three_dead_machines(policy, vast):
 def test_boot_timeout_destroys_the_instance_and_fails_it(policy, vast):
     instance = rent()
     vast.advance(instance.vast_id, "loading")
-    provisioning.wait_until_ready(instance)
+    lifecycle.wait_until_ready(instance)
     VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=31))
 
-    step = provisioning.wait_until_ready(instance)
+    step = lifecycle.wait_until_ready(instance)
 
     instance.refresh_from_db()
     assert step.done and instance.state == I.FAILED and instance.destroyed_at
@@ -341,13 +343,13 @@ def test_ready_needs_the_workflow_model_files(policy, vast, comfy):
     vast.advance(instance.vast_id, "running")
     comfy.token, comfy.placeholder = instance.web_password, False
 
-    step = provisioning.wait_until_ready(instance)
+    step = lifecycle.wait_until_ready(instance)
 
     instance.refresh_from_db()
     assert not step.done and instance.state == I.LOADING and "waiting for model files" in instance.status_msg
     assert "unet_gguf/Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf" in instance.status_msg
     VastInstance.objects.filter(pk=instance.pk).update(comfyui_seen_at=timezone.now() - timedelta(minutes=3))
-    provisioning.wait_until_ready(instance)
+    lifecycle.wait_until_ready(instance)
     instance.refresh_from_db()
     assert instance.state == I.FAILED and "ComfyUI started without 4 model file(s)" in instance.error
     assert live_vast_ids(vast) == []
@@ -369,7 +371,7 @@ def test_wrong_password_at_comfyui_fails_without_retrying(policy, vast, comfy):
     vast.advance(instance.vast_id, "running")
     comfy.token, comfy.placeholder = "not-the-instance-password", False
 
-    assert provisioning.wait_until_ready(instance).done
+    assert lifecycle.wait_until_ready(instance).done
 
     instance.refresh_from_db()
     assert instance.state == I.FAILED and "rejected its WEB_PASSWORD" in instance.error
@@ -397,16 +399,16 @@ def test_wait_task_hands_itself_back_until_ready(policy, vast, comfy, queued, dj
 def test_destroy_is_idempotent_and_accepts_an_instance_vast_already_lost(policy, vast, comfy):
     instance = boot_to_ready(rent(), vast, comfy)
 
-    provisioning.destroy_instance(instance, "test")
-    provisioning.destroy_instance(instance, "test again")
+    lifecycle.destroy_instance(instance, "test")
+    lifecycle.destroy_instance(instance, "test again")
 
     instance.refresh_from_db()
     assert instance.state == I.DESTROYED and instance.destroyed_at and instance.destroy_reason == "test"
     assert vast.count("DELETE", "/instances/*") == 1 and live_vast_ids(vast) == []
     other = rent()
-    with provisioning.vast_client() as client:
+    with lifecycle.vast_client() as client:
         client.destroy_instance(other.vast_id)  # destroyed outside i2v
-    provisioning.destroy_instance(other, "cleanup")
+    lifecycle.destroy_instance(other, "cleanup")
     other.refresh_from_db()
     assert other.state == I.DESTROYED and "vast.ai no longer had it" in other.status_msg
 
@@ -415,14 +417,14 @@ def test_destroy_while_vast_is_unreachable_stays_destroying_until_the_reconciler
     instance = rent()
     settings.VASTAI_API_URL = f"http://127.0.0.1:{free_port()}/api/v0"
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
-        provisioning.destroy_instance(instance, "operator")
+    with pytest.raises(lifecycle.ProvisioningError) as err:
+        lifecycle.destroy_instance(instance, "operator")
 
     assert err.value.status == 503 and "Cannot reach vast.ai" in str(err.value)
     instance.refresh_from_db()
     assert instance.state == I.DESTROYING and "will retry" in instance.status_msg
     settings.VASTAI_API_URL = vast.url
-    report = provisioning.reconcile()
+    report = reconciler.reconcile()
     instance.refresh_from_db()
     assert report["retried"] == [instance.vast_id] and instance.state == I.DESTROYED and live_vast_ids(vast) == []
 
@@ -436,7 +438,7 @@ def test_reap_idle_destroys_only_instances_idle_past_the_limit(policy, vast, com
                                                                    last_busy_at=long_ago)
     make_job(user, status=VideoJob.Status.RUNNING, instance=busy)
 
-    reaped = provisioning.reap_idle()
+    reaped = demand.reap_idle()
 
     assert [i.pk for i in reaped] == [idle.pk]
     states = dict(VastInstance.objects.values_list("pk", "state"))
@@ -452,13 +454,13 @@ def test_reap_idle_counts_from_the_last_job_finishing(policy, vast, comfy, user)
     VastInstance.objects.filter(pk=instance.pk).update(ready_at=long_ago, last_busy_at=long_ago)
     make_job(user, status=VideoJob.Status.COMPLETED, instance=instance, finished_at=timezone.now() - timedelta(minutes=2))
 
-    assert provisioning.reap_idle() == []
+    assert demand.reap_idle() == []
     assert tasks.reap_idle() == "reaped 0"
 
 
 def test_reconcile_destroys_unknown_and_known_destroyed_rentals_and_marks_vanished_rows(policy, vast):
     known = rent()
-    with provisioning.vast_client() as client:
+    with lifecycle.vast_client() as client:
         stray = client.create_instance(CHEAPEST_MATCHING + 4, image="x", disk_gb=10, env={}, onstart="",
                                        label="i2v:00000000-0000-0000-0000-000000000000")["id"]
         foreign = client.create_instance(NEXT_CHEAPEST, image="x", disk_gb=10, env={}, onstart="",
@@ -468,20 +470,20 @@ def test_reconcile_destroys_unknown_and_known_destroyed_rentals_and_marks_vanish
     dead_row = VastInstance.objects.create(vast_id=zombie, state=I.DESTROYED, destroyed_at=timezone.now())
     VastInstance.objects.filter(pk=known.pk).update(created_at=timezone.now() - timedelta(minutes=5))
 
-    report = provisioning.reconcile()
+    report = reconciler.reconcile()
 
     assert sorted(report["destroyed"]) == sorted([stray, zombie]) and report["marked_gone"] == [known.vast_id]
     assert live_vast_ids(vast) == [foreign]  # not labelled i2v: — not ours, left alone
     known.refresh_from_db()
     assert known.state == I.DESTROYED and "no longer has" in known.status_msg
-    assert dead_row.pk and provisioning.reconcile() == {key: [] for key in report}
-    with provisioning.vast_client() as client:
+    assert dead_row.pk and reconciler.reconcile() == {key: [] for key in report}
+    with lifecycle.vast_client() as client:
         client.destroy_instance(foreign)
 
 
 def test_reconcile_adopts_a_rental_whose_answer_was_lost(policy, vast, queued):
     vast.fail_http("/asks/*", status=502, body="bad gateway")  # the rental happens, the answer is lost...
-    with pytest.raises(provisioning.ProvisioningError):
+    with pytest.raises(lifecycle.ProvisioningError):
         rent()
     row = VastInstance.objects.get()
     assert row.state == I.FAILED and row.vast_id is None  # ...and the double rented nothing: a 502 before creating
@@ -489,9 +491,9 @@ def test_reconcile_adopts_a_rental_whose_answer_was_lost(policy, vast, queued):
 
     # A reservation whose rental did happen (the worker died before storing the id) is adopted by its label.
     orphan = VastInstance.objects.create(state=I.CREATING, web_password="x")
-    with provisioning.vast_client() as client:
+    with lifecycle.vast_client() as client:
         vast_id = client.create_instance(CHEAPEST_MATCHING, image="x", disk_gb=10, env={}, onstart="", label=orphan.label)["id"]
-    report = provisioning.reconcile()
+    report = reconciler.reconcile()
     orphan.refresh_from_db()
     assert report["adopted"] == [vast_id] and orphan.vast_id == vast_id and orphan.state == I.CREATING
     assert ("gpu.tasks.wait_for_instance", str(orphan.pk)) in queued
@@ -504,7 +506,7 @@ def test_reconcile_restarts_a_stalled_wait_and_fails_unconfirmed_reservations(po
     VastInstance.objects.filter(pk=instance.pk).update(created_at=old, checked_at=old)
     never = VastInstance.objects.create(state=I.CREATING, web_password="x", created_at=old)
 
-    report = provisioning.reconcile()
+    report = reconciler.reconcile()
 
     assert report["restarted_waits"] == [instance.vast_id] and report["failed_reservations"] == [str(never.pk)]
     assert queued == [("gpu.tasks.wait_for_instance", str(instance.pk))]
@@ -518,15 +520,15 @@ def test_reconcile_restarts_a_stalled_wait_and_fails_unconfirmed_reservations(po
 def test_ensure_capacity_starts_one_instance_and_waits_for_it(policy, vast, comfy, user):
     job = make_job(user)
 
-    assert provisioning.ensure_capacity_for(job) is None
-    assert provisioning.ensure_capacity_for(make_job(user)) is None  # a second job waits for the same one
+    assert demand.ensure_capacity_for(job) is None
+    assert demand.ensure_capacity_for(make_job(user)) is None  # a second job waits for the same one
 
     instance = VastInstance.objects.get()
     assert instance.origin == "job" and instance.created_by == user and live_vast_ids(vast) == [instance.vast_id]
     job.refresh_from_db()
     assert job.instance == instance
     boot_to_ready(instance, vast, comfy)
-    assert provisioning.ensure_capacity_for(job) == instance
+    assert demand.ensure_capacity_for(job) == instance
 
 
 def test_ensure_capacity_picks_the_least_busy_ready_instance(policy, vast, comfy, user):
@@ -535,7 +537,7 @@ def test_ensure_capacity_picks_the_least_busy_ready_instance(policy, vast, comfy
     a, b = boot_to_ready(rent(), vast, comfy), boot_to_ready(rent(), vast, comfy)
     make_job(user, status=VideoJob.Status.RUNNING, instance=a)
 
-    chosen = provisioning.ensure_capacity_for(make_job(user))
+    chosen = demand.ensure_capacity_for(make_job(user))
 
     assert chosen == b
     b.refresh_from_db()
@@ -554,16 +556,16 @@ def test_scale_out_when_jobs_waited_too_long(policy, vast, comfy, user):
 
     added = VastInstance.objects.get(state=I.CREATING)
     assert added.origin == "scale-out" and len(live_vast_ids(vast)) == 2
-    assert provisioning.scale_out_if_needed() is None  # one booting is enough; and now at max_instances
+    assert demand.scale_out_if_needed() is None  # one booting is enough; and now at max_instances
 
 
 def test_ensure_capacity_gives_up_after_three_failed_boots(policy, vast, user):
     job = make_job(user)
-    for n in range(provisioning.MAX_BOOT_ATTEMPTS):
+    for n in range(lifecycle.MAX_BOOT_ATTEMPTS):
         VastInstance.objects.create(state=I.FAILED, error=f"boot {n} went exited", destroyed_at=timezone.now())
 
-    with pytest.raises(provisioning.ProvisioningError) as err:
-        provisioning.ensure_capacity_for(job)
+    with pytest.raises(lifecycle.ProvisioningError) as err:
+        demand.ensure_capacity_for(job)
 
     assert "in 3 attempts" in str(err.value) and "went exited" in str(err.value)
 

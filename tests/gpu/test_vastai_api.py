@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gpu import provisioning
+from gpu import lifecycle
 from gpu.models import VastInstance
 from tests.conftest import free_port
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
@@ -164,7 +164,7 @@ def test_destroy_when_vast_is_unreachable_is_503_and_stays_destroying(staff_api,
 
 def test_instance_list_shows_cost_so_far_and_hides_history_unless_asked(api, policy, vast):
     old = rent()
-    provisioning.destroy_instance(old, "done")
+    lifecycle.destroy_instance(old, "done")
     live = rent()
     VastInstance.objects.filter(pk=live.pk).update(created_at=timezone.now() - timedelta(hours=2))
 

@@ -47,9 +47,9 @@ def vast(db, settings, monkeypatch):
 
 
 def rented(staff, offer_id=7310001):
-    from gpu import provisioning
+    from gpu import lifecycle
 
-    return provisioning.create_instance(offer_id=offer_id, user=staff)
+    return lifecycle.create_instance(offer_id=offer_id, user=staff)
 
 
 def configure(url="", **fields):

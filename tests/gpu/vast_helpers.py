@@ -9,7 +9,7 @@ import pytest
 
 from generation.domain import sync_shipped_workflows
 from generation.models import ModelFile, Workflow
-from gpu import provisioning
+from gpu import lifecycle, reconciler
 from gpu.models import GpuConfig, VastInstance
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.vastai import VastAIDouble
@@ -50,10 +50,10 @@ def vast_settings(db, settings, vast, queued):
     for row in VastInstance.objects.exclude(state=VastInstance.State.DESTROYED).exclude(
             state=VastInstance.State.FAILED, destroyed_at__isnull=False):
         try:
-            provisioning.destroy_instance(row, "test teardown")
-        except provisioning.ProvisioningError:
+            lifecycle.destroy_instance(row, "test teardown")
+        except lifecycle.ProvisioningError:
             pass
-    provisioning.reconcile()
+    reconciler.reconcile()
     assert vast.live_instances() == [], "the test left a vast.ai instance running"
 
 
@@ -91,17 +91,17 @@ def r2_settings(settings, s3_server):
 
 
 def rent(**kw) -> VastInstance:
-    return provisioning.create_instance(**kw)
+    return lifecycle.create_instance(**kw)
 
 
 def boot_to_ready(instance, vast, comfy) -> VastInstance:
     """Walk a rented instance through vast.ai's boot to ready, one wait step per stage."""
     vast.advance(instance.vast_id, "loading")
-    provisioning.wait_until_ready(instance)
+    lifecycle.wait_until_ready(instance)
     vast.advance(instance.vast_id, "running")
     comfy.token = instance.web_password
     comfy.placeholder = False
-    step = provisioning.wait_until_ready(instance)
+    step = lifecycle.wait_until_ready(instance)
     assert step.done and step.message == "ready", step
     instance.refresh_from_db()
     return instance

@@ -2,7 +2,7 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
-from gpu import provisioning
+from gpu import lifecycle
 from gpu.models import VastInstance
 
 
@@ -24,7 +24,7 @@ class Command(BaseCommand):
             raise CommandError(f"No instance {value} in the database (`vast_instances --all` lists them; "
                                "`reconcile` destroys rentals the database does not know).")
         try:
-            instance = provisioning.destroy_instance(instance, reason)
-        except provisioning.ProvisioningError as exc:
+            instance = lifecycle.destroy_instance(instance, reason)
+        except lifecycle.ProvisioningError as exc:
             raise CommandError(f"{exc} (it stays 'destroying'; the reconciler retries)") from None
         self.stdout.write(f"Instance {instance.vast_id} is {instance.state}; it cost ${instance.cost_usd:.4f}.")

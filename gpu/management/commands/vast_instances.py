@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from gpu import provisioning
+from gpu import lifecycle, offers
 from gpu.models import GpuConfig, VastInstance
 
 
@@ -16,7 +16,7 @@ class Command(BaseCommand):
         if not options["all"]:
             qs = qs.exclude(state=VastInstance.State.DESTROYED).exclude(state=VastInstance.State.FAILED, destroyed_at__isnull=False)
         now = timezone.now()
-        rows = [provisioning.instance_json(i, now) for i in qs[:500]]
+        rows = [lifecycle.instance_json(i, now) for i in qs[:500]]
         if not rows:
             self.stdout.write("No vast.ai instances." if options["all"] else "No live vast.ai instances (--all for history).")
         else:
@@ -27,4 +27,4 @@ class Command(BaseCommand):
                     f"${r['cost_usd']:>8.4f}  {r['active_jobs']:>4}  {r['id']:<36}  {r['error'] or r['status_msg'] or ''}"
                 )
         config = GpuConfig.get()
-        self.stdout.write(f"Spent today (UTC): ${provisioning.spend_today(now):.4f} of ${config.max_daily_spend:.2f}")
+        self.stdout.write(f"Spent today (UTC): ${offers.spend_today(now):.4f} of ${config.max_daily_spend:.2f}")

@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from gpu import provisioning
+from gpu import lifecycle
+from gpu import offers as vast_offers
 
 
 class Command(BaseCommand):
@@ -16,14 +17,14 @@ class Command(BaseCommand):
         if not 1 <= limit <= 100:
             raise CommandError("--limit must be between 1 and 100")
         try:
-            offers = provisioning.search_offers(limit=limit, min_vram_gb=min_vram_gb, max_dph=max_dph, gpu_names=gpu_names)
-        except provisioning.ProvisioningError as exc:
+            offers = vast_offers.search_offers(limit=limit, min_vram_gb=min_vram_gb, max_dph=max_dph, gpu_names=gpu_names)
+        except lifecycle.ProvisioningError as exc:
             raise CommandError(str(exc)) from None
         if not offers:
             self.stdout.write("No offer matches the GPU policy.")
             return
         self.stdout.write(f"{'offer':>10}  {'gpu':<14} {'vram':>6}  {'$/hour':>7}  {'reliab.':>7}  {'down':>7}  location")
-        for offer in map(provisioning.offer_json, offers):
+        for offer in map(vast_offers.offer_json, offers):
             gpu = offer["gpu_name"] if offer["num_gpus"] == 1 else f"{offer['num_gpus']}x {offer['gpu_name']}"
             self.stdout.write(
                 f"{offer['id']:>10}  {gpu:<14} {offer['vram_gb'] or 0:>4.0f}GB  {offer['dph']:>7.3f}  "

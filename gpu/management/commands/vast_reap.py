@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from gpu import provisioning
+from gpu import demand, lifecycle, reconciler
 from gpu.models import GpuConfig
 
 
@@ -12,7 +12,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         config = GpuConfig.get()
-        reaped = provisioning.reap_idle()
+        reaped = demand.reap_idle()
         for instance in reaped:
             self.stdout.write(f"Destroyed idle instance {instance.vast_id} ({instance.gpu_name}, ${instance.cost_usd:.4f}).")
         if not reaped:
@@ -20,8 +20,8 @@ class Command(BaseCommand):
         if options["no_reconcile"]:
             return
         try:
-            report = provisioning.reconcile()
-        except provisioning.ProvisioningError as exc:
+            report = reconciler.reconcile()
+        except lifecycle.ProvisioningError as exc:
             self.stderr.write(f"Reconcile skipped: {exc}")
             return
         changes = {key: value for key, value in report.items() if value}
