@@ -2,19 +2,10 @@ from django import forms
 from django.contrib import admin
 from django.utils.html import format_html
 
-from generation.models import ModelFile, VideoJob, WebhookDelivery, Workflow
+from generation import scheduler
+from generation.models import UserQuota, VideoJob, WebhookDelivery, Workflow
 from generation.workflow_schema import structural_errors, validate_graph
 from gpu.admin import human_duration
-
-
-@admin.register(ModelFile)
-class ModelFileAdmin(admin.ModelAdmin):
-    list_display = ("name", "filename", "folder", "size", "has_sha256")
-    search_fields = ("name", "filename")
-
-    @admin.display(boolean=True, description="sha256")
-    def has_sha256(self, obj):
-        return bool(obj.sha256)
 
 
 class WorkflowForm(forms.ModelForm):
@@ -108,3 +99,15 @@ class VideoJobAdmin(admin.ModelAdmin):
         from generation.domain import video_url
 
         return format_html('<video src="{}" controls preload="metadata" style="max-width:480px"></video>', video_url(obj))
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    """Per-user share of the GPUs and limits; users without a row get the I2V_MAX_* defaults."""
+
+    list_display = ("user", "weight", "waiting_limit", "running_limit", "fal_limit", "waiting_now")
+    search_fields = ("user__username",)
+
+    @admin.display(description="Waiting now")
+    def waiting_now(self, obj):
+        return scheduler.waiting_count(obj.user_id)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Optional
 
 from django.http import Http404, HttpResponse
-from ninja import Query, Router, Schema
+from ninja import Field, Query, Router, Schema
 from ninja.responses import Status
 from ninja.errors import HttpError
 from pydantic import ValidationError as PydanticValidationError
@@ -93,6 +93,8 @@ def _generate(request, backend_default):
         job, created = domain.create_job(request.auth, params, image_bytes=image_bytes, idempotency_key=key)
     except InputError as exc:
         raise HttpError(422, str(exc))
+    except domain.QueueFull as exc:
+        raise HttpError(429, str(exc))
     return Status(202 if created else 200, domain.job_json(job))
 
 
@@ -103,7 +105,10 @@ class JobOut(Schema):
     step: int
     steps: int
     current_node: Optional[str]
-    queue_position: Optional[int]
+    queue_position: Optional[int] = Field(description="Jobs ahead of this one (in i2v's queue while waiting, then in its GPU's)")
+    expected_start_at: Optional[datetime] = Field(description="When a waiting job is expected to start")
+    deadline: Optional[datetime]
+    place: Optional[str] = Field(description="Where it runs: config, server:<id>, vast:<instance id> or fal")
     backend: str
     workflow: str
     prompt: str
@@ -138,7 +143,7 @@ class Error(Schema):
     detail: str
 
 
-@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error},
+@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
@@ -146,7 +151,7 @@ def generate_video(request):
     return _generate(request, "comfyui")
 
 
-@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error},
+@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 def vastai_generate_video(request):
     """Uses the configured ComfyUI URL, else a ready vast.ai instance."""

@@ -9,8 +9,9 @@ from django.core.files.storage import default_storage
 from django.db import IntegrityError, connections, transaction
 from django.urls import reverse
 
+from generation import scheduler
 from generation.inputs import InputError, check_image, fetch_image
-from generation.models import VideoJob, Workflow
+from generation.models import UserQuota, VideoJob, Workflow
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ JOB_JSON_FIELDS = (
     "id", "owner_id", "status", "progress", "step", "steps_total", "current_node", "queue_position", "backend",
     "workflow_slug", "prompt", "negative_prompt", "width", "height", "frames", "fps", "seed", "error", "video",
     "video_size", "prompt_id", "request_id", "instance_id", "created_at", "started_at", "finished_at", "cost_usd",
-    "note",
+    "note", "place", "deadline_at", "cancel_requested",
 )
 
 
@@ -85,6 +86,9 @@ _JOB_READERS = {}
 
 
 def job_json(job: VideoJob) -> dict:
+    position, expected_start = scheduler.queue_estimate(job)
+    if position is None:
+        position = job.queue_position  # bound: its place in ComfyUI's or fal's own queue
     return {
         "id": str(job.id),
         "status": job.status,
@@ -92,7 +96,10 @@ def job_json(job: VideoJob) -> dict:
         "step": job.step,
         "steps": job.steps_total,
         "current_node": job.current_node or None,
-        "queue_position": job.queue_position,
+        "queue_position": position,
+        "expected_start_at": expected_start,
+        "deadline": job.deadline_at,
+        "place": job.place or None,
         "backend": job.backend,
         "workflow": job.workflow_slug,
         "prompt": job.prompt,
@@ -129,11 +136,8 @@ def cost_estimate(job):
         return None
 
 
-def enqueue_run(job_id):
-    """Hand a job to the worker after the current transaction commits."""
-    from django_q.tasks import async_task
-
-    transaction.on_commit(lambda: async_task("generation.tasks.run_job", str(job_id), group="jobs"))
+class QueueFull(Exception):
+    """The user has as many jobs waiting as their limit allows (answered 429)."""
 
 
 def resolve_workflow(slug: str) -> Workflow:
@@ -163,6 +167,11 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         raise InputError("image_url", "send either an image file or an image_url, not both")
     if params.backend == "fal" and not settings.FAL_KEY:
         raise InputError("backend", "fal.ai is not configured on this server (FAL_KEY is unset); use backend 'comfyui'")
+    limit = UserQuota.for_user(owner.pk).waiting_limit
+    waiting = scheduler.waiting_count(owner.pk)
+    if waiting >= limit:
+        raise QueueFull(f"You have {waiting} jobs waiting, the limit is {limit} (max_waiting): wait for some to "
+                        "start, or cancel some, then send this one again.")
     workflow = resolve_workflow(params.workflow)
     field = "image"
     if image_bytes is None:
@@ -187,13 +196,14 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         steps=params.steps or defaults.get("steps"),
         idempotency_key=idempotency_key or None,
         webhook_url=params.webhook_url or "",
+        deadline_at=params.deadline,
     )
     name = default_storage.save(f"inputs/{job_id}.{ext}", ContentFile(image_bytes))
     job.input_image.name = name
     try:
         with transaction.atomic():
             job.save(force_insert=True)
-            enqueue_run(job.id)
+            scheduler.request_pass()
     except IntegrityError:
         # A concurrent request with the same idempotency key won the race.
         default_storage.delete(name)

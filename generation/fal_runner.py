@@ -18,6 +18,7 @@ from django.core.files.storage import default_storage
 from django.urls import reverse
 from django.utils import timezone
 
+from generation import scheduler
 from generation.fal import FalClient, FalError, build_input, estimate_cost
 from generation.models import VideoJob
 
@@ -139,7 +140,7 @@ def submit(job, fal):
     job.transition(
         S.SUBMITTED, request_id=handle["request_id"],
         provider_urls={k: handle[k] for k in ("status_url", "response_url", "cancel_url")},
-        steps_total=1, step=0, progress=0.0,
+        steps_total=1, step=0, progress=0.0, gpu_class=scheduler.FAL,
     )
 
 
@@ -184,7 +185,8 @@ def take_result(job, payload):
     urls["output_url"] = video["url"]
     job.refresh_from_db()
     if job.status in (S.SUBMITTED, S.RUNNING):
-        job.transition(S.UPLOADING, provider_urls=urls, progress=0.99, step=1)
+        if job.transition(S.UPLOADING, provider_urls=urls, progress=0.99, step=1):
+            scheduler.record_run(job)
 
 
 def store_output(job, fal):
@@ -214,20 +216,3 @@ def cancel_on_fal(job):
         finally:
             fal.close()
     job.transition(S.CANCELLED, error="Cancelled by the user.")
-
-
-def maybe_fall_back(job) -> bool:
-    """Fallback policy (off unless I2V_FAL_FALLBACK_AFTER > 0 and FAL_KEY is set): a ComfyUI job
-    that has waited that long without reaching a GPU goes to fal.ai instead. True if it moved."""
-    wait = settings.I2V_FAL_FALLBACK_AFTER
-    if not (wait and settings.FAL_KEY) or job.backend != VideoJob.Backend.COMFYUI:
-        return False
-    if job.status not in (S.QUEUED, S.PROVISIONING) or job.prompt_id:
-        return False
-    if (timezone.now() - job.created_at).total_seconds() < wait:
-        return False
-    moved = VideoJob.objects.filter(pk=job.pk, status=job.status, prompt_id="", backend="comfyui").update(
-        backend=VideoJob.Backend.FAL,
-        note=f"Sent to fal.ai: no GPU was ready within {wait} s.",
-    )
-    return moved == 1

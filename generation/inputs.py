@@ -1,8 +1,10 @@
 """Validation of what a user sends to generate a video: the image and the parameters."""
 
 import io
+import math
 import warnings
-from typing import Literal, Optional
+from datetime import datetime, timedelta, timezone
+from typing import Literal, Optional, Union
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -14,6 +16,7 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_SIDE = 4096
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 MAX_SEED = 2**63 - 1
+MAX_DEADLINE_SECONDS = 7 * 86400
 
 
 class InputError(ValueError):
@@ -48,6 +51,25 @@ class GenerateParams(BaseModel):
     steps: Optional[int] = Field(default=None, ge=1, le=100)
     image_url: Optional[str] = Field(default=None, max_length=2000)
     webhook_url: Optional[str] = Field(default=None, max_length=2000)
+    # Finish by then if any place can: seconds from now, or an ISO 8601 time.
+    deadline: Optional[Union[float, datetime]] = None
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, value):
+        if value is None:
+            return None
+        now = datetime.now(timezone.utc)
+        if isinstance(value, datetime):
+            value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            seconds = (value - now).total_seconds()
+        else:
+            seconds = float(value)
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError("must be in the future: seconds from now (e.g. 600) or a time such as 2026-12-01T18:00:00Z")
+        if seconds > MAX_DEADLINE_SECONDS:
+            raise ValueError(f"must be within {MAX_DEADLINE_SECONDS // 86400} days")
+        return now + timedelta(seconds=seconds)
 
     @field_validator("prompt", "negative_prompt")
     @classmethod

@@ -6,24 +6,6 @@ from django.utils import timezone
 from gpu.models import IllegalTransition, VastInstance
 
 
-class ModelFile(models.Model):
-    """One model file a workflow needs: where ComfyUI wants it and where R2 keeps it."""
-
-    name = models.CharField(max_length=100, unique=True)
-    filename = models.CharField(max_length=300)
-    folder = models.CharField(max_length=64, help_text="ComfyUI models/ folder, e.g. unet, loras, vae")
-    r2_key = models.CharField(max_length=500)
-    size = models.BigIntegerField(null=True, blank=True)
-    sha256 = models.CharField(max_length=64, blank=True)
-    source = models.CharField(max_length=500, blank=True)
-
-    class Meta:
-        ordering = ["name"]
-
-    def __str__(self):
-        return f"{self.filename} ({self.folder})"
-
-
 class Workflow(models.Model):
     """A ComfyUI API-format graph plus where each job parameter goes (bindings)."""
 
@@ -34,7 +16,7 @@ class Workflow(models.Model):
     bindings = models.JSONField(default=dict)
     output_node = models.CharField(max_length=32)
     defaults = models.JSONField(default=dict, blank=True)
-    model_files = models.ManyToManyField(ModelFile, blank=True, related_name="workflows")
+    model_files = models.ManyToManyField("gpu.ModelFile", blank=True, related_name="workflows")
     is_active = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -110,7 +92,15 @@ class VideoJob(models.Model):
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)
     webhook_url = models.URLField(max_length=2000, blank=True)
 
-    # Where it ran.
+    # Where it runs: the scheduler binds it to a place (gpu.capacity: "config", "server:<pk>",
+    # "vast:<uuid>", or "fal") only when that place has a free slot; empty while it waits.
+    place = models.CharField(max_length=64, blank=True)
+    bound_at = models.DateTimeField(null=True, blank=True)
+    deadline_at = models.DateTimeField(null=True, blank=True, help_text="Finish by then if any place can")
+    posted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When POST /prompt was first attempted on the current place"
+    )
+    gpu_class = models.CharField(max_length=100, blank=True, help_text="The kind of GPU it ran on (run-time history)")
     instance = models.ForeignKey(VastInstance, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
     comfyui_url = models.URLField(max_length=500, blank=True)
     prompt_id = models.CharField(max_length=64, blank=True)
@@ -157,6 +147,8 @@ class VideoJob(models.Model):
             models.Index(fields=["owner", "-created_at"]),
             # The watchdog: active jobs whose lease ran out.
             models.Index(fields=["status", "lease_until"]),
+            # The scheduler: waiting jobs (place "") in order, and the jobs bound to each place.
+            models.Index(fields=["place", "status", "created_at"]),
         ]
 
     def __str__(self):
@@ -202,6 +194,79 @@ class VideoJob(models.Model):
             return None
         end = self.finished_at or timezone.now()
         return max(0.0, (end - (self.submitted_at or self.started_at)).total_seconds())
+
+
+class UserQuota(models.Model):
+    """A user's share of the GPUs and limits; a user without a row gets the settings' defaults."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    weight = models.PositiveSmallIntegerField(
+        default=1, help_text="Share of the GPUs while others wait: a user with weight 2 gets two turns to one's one."
+    )
+    max_waiting = models.PositiveIntegerField(null=True, blank=True, help_text="Jobs waiting at once; empty = I2V_MAX_WAITING")
+    max_running = models.PositiveIntegerField(null=True, blank=True, help_text="Jobs running at once; empty = I2V_MAX_RUNNING")
+    fal_daily_usd = models.DecimalField(
+        "fal.ai $/day", max_digits=10, decimal_places=2, null=True, blank=True,
+        help_text="fal.ai spend per day (UTC); empty = I2V_FAL_DAILY_USD",
+    )
+
+    class Meta:
+        verbose_name = "user quota"
+
+    def __str__(self):
+        return f"UserQuota {self.user_id} (weight {self.weight})"
+
+    @classmethod
+    def for_user(cls, user_id) -> "UserQuota":
+        """The user's row, or an unsaved one with the defaults."""
+        return cls.objects.filter(user_id=user_id).first() or cls(user_id=user_id)
+
+    @property
+    def waiting_limit(self) -> int:
+        return self.max_waiting if self.max_waiting is not None else settings.I2V_MAX_WAITING
+
+    @property
+    def running_limit(self) -> int:
+        return self.max_running if self.max_running is not None else settings.I2V_MAX_RUNNING
+
+    @property
+    def fal_limit(self):
+        from decimal import Decimal
+
+        return self.fal_daily_usd if self.fal_daily_usd is not None else Decimal(str(settings.I2V_FAL_DAILY_USD))
+
+
+class RunStat(models.Model):
+    """How long runs of one kind took on one class of GPU: the scheduler's expected run time."""
+
+    workflow_slug = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    frames = models.PositiveIntegerField()
+    gpu_class = models.CharField(max_length=100)
+    runs = models.PositiveIntegerField(default=0)
+    mean_seconds = models.FloatField(default=0.0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["workflow_slug", "width", "height", "frames", "gpu_class"], name="unique_run_kind"),
+        ]
+
+    def __str__(self):
+        return f"RunStat {self.workflow_slug} {self.width}x{self.height}x{self.frames} on {self.gpu_class}: {self.mean_seconds:.1f} s"
+
+
+class SchedulerState(models.Model):
+    """One row: the lock every scheduling pass takes, and what the last pass saw."""
+
+    last_pass_at = models.DateTimeField(null=True, blank=True)
+    pass_ms = models.FloatField(default=0.0)
+    ticker_until = models.DateTimeField(null=True, blank=True, help_text="A worker passes every few seconds until then")
+    summary = models.JSONField(default=dict, blank=True)
+
+    def __str__(self):
+        return f"SchedulerState (last pass {self.last_pass_at})"
 
 
 class WebhookDelivery(models.Model):

@@ -21,19 +21,19 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
+from django.db.models import F
 from django.utils import timezone
 
+from generation import scheduler
 from generation.models import VideoJob
 from generation.workflow_schema import fill
+from gpu import capacity
 from gpu.comfyui import ComfyUIClient, ComfyUIError, find_outputs, run_outcome
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
 
-TROUBLESHOOTING = (
-    "Check that ComfyUI is running and reachable at the configured URL (Test connection in the admin "
-    "or POST /api/gpu/test-connection); a vast.ai tunnel URL changes when the instance restarts."
-)
+TROUBLESHOOTING = scheduler.TROUBLESHOOTING
 MAX_SUBMITS = 2  # the first submission, plus one resubmission if ComfyUI lost the run
 POLL_EVERY = 2.0  # seconds between /history checks while the websocket is quiet
 UNREACHABLE_GRACE = settings.I2V_COMFYUI_GRACE  # seconds ComfyUI may stay unreachable before the job fails
@@ -48,44 +48,21 @@ class StorageFailed(Exception):
     """The storage (R2) did not take the video, after botocore's own retries."""
 
 
-class WaitingForGpu(Exception):
-    """No GPU is ready yet (a vast.ai instance is booting): the job stays `provisioning` and the
-    task comes back later."""
-
-
-GPU_WAIT_PAUSE = 5.0  # seconds a slice idles before handing a job that waits for a GPU back to the queue
+class NotPlaced(Exception):
+    """The job has no place (the scheduler has not bound it, or its place is gone): it waits in
+    the queue."""
 
 
 def target_for(job):
-    """(base_url, token, instance) where this job runs; raises JobFailed, or WaitingForGpu while
-    a vast.ai instance boots."""
-    from gpu.models import GpuConfig
-
-    config = GpuConfig.get()
-    if job.comfyui_url:
-        if job.instance is not None and job.instance.comfyui_url == job.comfyui_url:
-            return job.comfyui_url, job.instance.web_password, job.instance
-        return job.comfyui_url, config.comfyui_token, job.instance
-    if config.comfyui_url:
-        return config.comfyui_url, config.comfyui_token, None
-    if config.gpu_provider == GpuConfig.Provider.VASTAI:
-        from gpu.demand import ensure_capacity_for
-        from gpu.lifecycle import ProvisioningError
-
-        try:
-            instance = ensure_capacity_for(job)
-        except ProvisioningError as exc:
-            raise JobFailed(str(exc)) from None
-        if instance is None:
-            job.refresh_from_db()
-            if job.status == S.QUEUED:
-                job.transition(S.PROVISIONING)
-            raise WaitingForGpu(f"waiting for vast.ai instance {job.instance_id}")
-        return instance.comfyui_url, instance.web_password, instance
-    raise JobFailed(
-        "No GPU is configured: set a ComfyUI URL (admin → GPU configuration, or POST /api/gpu/config) "
-        "or rent a vast.ai instance."
-    )
+    """(base_url, token, place) where this job runs. Raises NotPlaced when it is not bound to a
+    place that exists (see generation.scheduler)."""
+    if not job.place or job.place == scheduler.FAL:
+        raise NotPlaced("the job is not placed on a GPU")
+    place = capacity.resolve(job.place)
+    if place is None:
+        raise NotPlaced("the GPU it was placed on is gone")
+    # A claimed run stays where it was posted, even if the configured URL changes meanwhile.
+    return (job.comfyui_url or place.url), place.token, place
 
 
 def comfyui_timeout() -> float:
@@ -148,13 +125,14 @@ def _fail(job, message):
 
 
 def advance(job_id, deadline: float) -> bool:
-    """Move the job forward until `deadline` (monotonic). Returns True once it is terminal."""
+    """Move the job forward until `deadline` (monotonic). Returns True once it is terminal, or
+    when it went back to the queue (the scheduler hands it out again)."""
     job = VideoJob.objects.select_related("workflow", "instance").filter(pk=job_id).first()
     if job is None or job.is_terminal:
         return True
-    from generation import fal_runner
+    if job.place == scheduler.FAL or job.backend == VideoJob.Backend.FAL:
+        from generation import fal_runner  # noqa: PLC0415 -- fal_runner imports this module
 
-    if job.backend == VideoJob.Backend.FAL or fal_runner.maybe_fall_back(job):
         return fal_runner.advance(job_id, deadline)
     conn = None
     try:
@@ -171,32 +149,59 @@ def advance(job_id, deadline: float) -> bool:
         if job.status == S.UPLOADING and time.monotonic() < deadline:
             # Started only with time left in the slice; otherwise the next task uploads.
             store_output(job, conn.client)
+    except NotPlaced as exc:
+        job.refresh_from_db()
+        if job.place and not job.is_terminal:
+            scheduler.requeue(job, str(exc))
+        return True
     except JobFailed as exc:
         _fail(job, str(exc))
     except StorageFailed as exc:
         # The video is still on ComfyUI: an R2 outage is waited out for a while, not fatal at once.
-        # (Uncaught, it used to end the task chain and leave the job `uploading` for ever.)
         if storage_retry(job, exc, _fail):
             return False
-    except WaitingForGpu:
-        # Nothing to do until the instance is ready: idle briefly rather than spin through the queue.
-        time.sleep(max(0.0, min(GPU_WAIT_PAUSE, deadline - time.monotonic())))
-        return False
     except ComfyUIError as exc:
         # A retryable answer (a 5xx, a 429, a non-JSON body: ComfyUI restarting or a proxy's
-        # hiccup) is retried like an unreachable server; it used to fail the job at once.
-        if (exc.kind in ("unreachable", "timeout", "not_ready") or exc.retryable) and _within_grace(job):
-            log.warning("job %s: ComfyUI unavailable (%s); will retry", job.id, exc.kind)
-            return False
-        _fail(job, f"{exc}" + (f" {TROUBLESHOOTING}" if exc.kind in ("unreachable", "timeout") else ""))
+        # hiccup) counts like an unreachable server.
+        if exc.kind in ("unreachable", "timeout", "not_ready") or exc.retryable:
+            return _unreachable(job, exc)
+        _fail(job, str(exc))
     else:
-        if job.unreachable_since is not None:
-            VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
+        _reachable(job)
     finally:
         if conn is not None:
             conn.close()
     job.refresh_from_db()
     return job.is_terminal
+
+
+def _unreachable(job, exc) -> bool:
+    """ComfyUI did not answer. A job it cannot have received (nothing posted yet) goes back to
+    the queue at once, and the place rests for a while: the scheduler places the job elsewhere,
+    or on a corrected URL. A posted run is waited for within the grace, then requeued."""
+    url = job.comfyui_url or ""
+    if url and capacity.mark_down(url, f"{exc.kind}: {exc}"[:300]):
+        log.warning("ComfyUI at %s unreachable (%s); jobs wait for it or go elsewhere", url, exc.kind)
+    now = timezone.now()
+    job.refresh_from_db()
+    if job.unreachable_since is None:
+        VideoJob.objects.filter(pk=job.pk, unreachable_since=None).update(unreachable_since=now)
+        job.unreachable_since = now
+    if job.posted_at is None:
+        scheduler.requeue(job, f"ComfyUI at {url} did not answer ({exc.kind})")
+        return True
+    if _within_grace(job):
+        return False
+    scheduler.requeue(job, f"ComfyUI at {url} stayed unreachable for more than {UNREACHABLE_GRACE} s")
+    job.refresh_from_db()
+    return job.is_terminal or not job.place
+
+
+def _reachable(job):
+    if job.comfyui_url and capacity.mark_up(job.comfyui_url):
+        log.warning("ComfyUI at %s answers again", job.comfyui_url)
+    if job.unreachable_since is not None:
+        VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
 
 
 class Connection:
@@ -256,11 +261,11 @@ def claim_ids(job):
     crash after the POST finds them and does not post again."""
     if job.prompt_id:
         return
-    url, _, instance = target_for(job)
+    url, _, place = target_for(job)
     seed = job.seed if job.seed is not None else random.randrange(0, 2**53)
     VideoJob.objects.filter(pk=job.pk, prompt_id="").update(
         prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url, seed=seed,
-        instance=instance, submit_count=1,
+        instance_id=place.instance_id, gpu_class=place.gpu_class, submit_count=F("submit_count") + 1,
     )
     job.refresh_from_db()
 
@@ -289,6 +294,11 @@ def _post(client, job):
     image_name = client.upload_image(data, f"{job.id}.{ext}", subfolder="i2v", overwrite=True)
     graph = build_graph(job, image_name)
     steps_total = _expected_steps(graph) or len(graph)
+    if job.posted_at is None:
+        # From here ComfyUI may hold the run: the job is never moved to another place unasked.
+        now = timezone.now()
+        VideoJob.objects.filter(pk=job.pk, posted_at=None).update(posted_at=now)
+        job.posted_at = now
     try:
         client.submit(graph, prompt_id=job.prompt_id, client_id=job.client_id,
                       output_node=job.workflow.output_node, extra_data={"i2v_job": str(job.id)})
@@ -447,7 +457,21 @@ def _conclude(job, item):
     if not outputs:
         raise JobFailed("ComfyUI finished but produced no video output. Check the workflow's SaveVideo node.")
     out = outputs[0]
-    job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99))
+    if job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99)):
+        scheduler.record_run(job, execution_seconds(item))
+
+
+def execution_seconds(item) -> float | None:
+    """How long ComfyUI executed the run (its history's execution_start → execution_success
+    timestamps): the GPU's own time, without the wait in its queue."""
+    stamps = {}
+    for message in (item.get("status") or {}).get("messages") or []:
+        if isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict):
+            stamps[message[0]] = message[1].get("timestamp")
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)) and end >= start:
+        return (end - start) / 1000
+    return None
 
 
 def store_output(job, client):
@@ -559,7 +583,7 @@ def cancel_on_comfyui(job):
     or ComfyUI can't be reached (the follower confirms a running one)."""
     try:
         client = client_for(job)
-    except JobFailed:
+    except NotPlaced:
         job.transition(S.CANCELLED, error="Cancelled by the user.")
         return
     try:

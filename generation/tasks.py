@@ -10,8 +10,8 @@ from django.db import InterfaceError, OperationalError, close_old_connections
 from django.db.models import Q
 from django.utils import timezone
 
-from generation import runner
-from generation.models import VideoJob
+from generation import runner, scheduler
+from generation.models import SchedulerState, VideoJob
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def run_job(job_id):
 
     if not with_database(take_lease, until):
         return "busy-or-finished"
+    if not VideoJob.objects.filter(pk=job_id).exclude(place="").exists():
+        # Not placed yet (a redelivery, the watchdog): placing is the scheduler's.
+        VideoJob.objects.filter(pk=job_id, lease_token=token).update(lease_token="", lease_until=None)
+        place_now()
+        return "waiting"
     done = False
     try:
         done = runner.advance(job_id, deadline=started + slice_seconds)
@@ -84,20 +89,68 @@ def run_job(job_id):
         # The ORM broker enqueues into the database too.
         with_database(lambda: enqueue("generation.tasks.run_job", str(job_id)), until)
         return "continued"
+    # The job ended, went back to the queue or freed its GPU slot: place the next one now.
+    with_database(place_now, until)
     return "done"
 
 
+def place_now():
+    """A scheduling pass right here (binding is quick); renting, destroying and waiting on the
+    clock go to a `schedule` task, so a job's worker is not held by them."""
+    result = scheduler.run_pass()
+    if result.rent or result.destroy or result.needs_tick:
+        enqueue("generation.tasks.schedule")
+    return result
+
+
 def watchdog():
-    """Re-enqueue active jobs nobody is working on (a worker died, a task was lost)."""
+    """Schedule (every minute): re-enqueue placed jobs nobody is working on (a worker died, a
+    task was lost), and run a scheduling pass."""
     stale = timezone.now() - timedelta(seconds=settings.Q_CLUSTER["retry"])
     ids = list(
-        VideoJob.objects.filter(status__in=VideoJob.ACTIVE, status_changed_at__lt=stale)
+        VideoJob.objects.filter(status__in=VideoJob.ACTIVE, status_changed_at__lt=stale).exclude(place="")
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=timezone.now()))
         .values_list("id", flat=True)[:100]
     )
     for job_id in ids:
         enqueue("generation.tasks.run_job", str(job_id))
+    place_now()
     return len(ids)
+
+
+TICK_SECONDS = 2.0  # how often passes run while jobs wait on time alone (a GPU booting, a URL down)
+
+
+def schedule(requested_at: str | None = None):
+    """A scheduling pass, then what it decided (renting, destroying). Skipped when a pass began
+    after it was asked for (that pass saw everything this one would). While jobs wait on
+    something only time changes, one worker keeps passing every TICK_SECONDS for a slice."""
+    if requested_at:
+        last = SchedulerState.objects.filter(pk=1).values_list("last_pass_at", flat=True).first()
+        if last is not None and last.isoformat() > requested_at:
+            return "already done"
+    result = scheduler.run_pass()
+    scheduler.carry_out(result)
+    if result.needs_tick and _take_ticker():
+        until = time.monotonic() + settings.I2V_FOLLOW_SLICE
+        try:
+            while result.needs_tick and time.monotonic() + TICK_SECONDS < until:
+                time.sleep(TICK_SECONDS)
+                result = scheduler.run_pass()
+                scheduler.carry_out(result)
+        finally:
+            SchedulerState.objects.filter(pk=1).update(ticker_until=None)
+        if result.needs_tick:
+            enqueue("generation.tasks.schedule")
+    return (f"bound {len(result.bound)}, waiting {result.waiting - len(result.bound)}, rented {result.rented}, "
+            f"destroyed {result.destroyed}")
+
+
+def _take_ticker() -> bool:
+    now = timezone.now()
+    lease = now + timedelta(seconds=settings.Q_CLUSTER["timeout"])
+    return bool(SchedulerState.objects.filter(Q(ticker_until__isnull=True) | Q(ticker_until__lt=now), pk=1)
+                .update(ticker_until=lease))
 
 
 def deliver_webhook(job_id, attempt=1):

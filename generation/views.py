@@ -19,6 +19,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 from pydantic import ValidationError as PydanticValidationError
 
+from generation.domain import QueueFull
 from generation.inputs import MAX_IMAGE_BYTES, GenerateParams, InputError, check_image
 from generation.models import VideoJob, Workflow
 from i2v.auth import bearer_user
@@ -358,6 +359,8 @@ def generate(request):
                                 idempotency_key=_idempotency_key(form["form_key"], params, image[0]))
         except InputError as exc:
             errors[FIELD_OF.get(exc.field, exc.field)] = _sentence(exc.message)
+        except QueueFull as exc:
+            errors["form"] = str(exc)
     if errors:
         # Errors about fields the page has no input for (steps, webhook_url) go on top of the form.
         for field in [f for f in errors if f not in (*FORM_FIELDS, "image")]:
@@ -410,13 +413,38 @@ def timeline(job):
     return steps
 
 
+def _about(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(1, int(round(seconds)))} s"
+    if seconds < 90 * 60:
+        return f"about {int(round(seconds / 60))} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def queue_message(job, now=None) -> str:
+    """Where a waiting job stands in i2v's queue, and when it is expected to start."""
+    from generation.scheduler import queue_estimate
+
+    ahead, start = queue_estimate(job, now)
+    if ahead is None:
+        return ""
+    text = "Waiting in the queue: " + ("next in line" if ahead == 0 else
+                                       f"{ahead} job{'s' if ahead != 1 else ''} ahead of it")
+    if start is not None:
+        text += f", expected to start in {_about((start - (now or timezone.now())).total_seconds())}"
+    return text
+
+
 def status_message(job):
     if job.cancel_requested and not job.is_terminal:
         return "Cancelling…"
-    if job.status == S.QUEUED:
-        return "Waiting for a worker to pick the job up"
-    if job.status == S.PROVISIONING:
-        return "Renting and starting a GPU (this can take a few minutes)"
+    if job.status in (S.QUEUED, S.PROVISIONING) and not job.place:
+        waiting = queue_message(job)
+        if job.status == S.PROVISIONING:
+            return "Renting and starting a GPU (this can take a few minutes)" + (f". {waiting}" if waiting else "")
+        return waiting or "Waiting in the queue"
+    if job.status in (S.QUEUED, S.PROVISIONING):
+        return "Placed on a GPU; sending it the job"
     if job.status == S.SUBMITTED:
         if job.queue_position:
             return f"Waiting in the ComfyUI queue (position {job.queue_position})"
@@ -542,7 +570,7 @@ def job_retry(request, job_id):
             width=job.width, height=job.height, frames=job.frames, fps=job.fps, seed=job.seed, steps=job.steps,
         )
         new, _ = create_job(request.user, params, image_bytes=image)
-    except (OSError, InputError, PydanticValidationError) as exc:
+    except (OSError, InputError, PydanticValidationError, QueueFull) as exc:
         messages.error(request, f"Could not retry: {exc}")
         return HttpResponseClientRedirect(back) if request.htmx else redirect(back)
     url = reverse("generation:job_detail", args=[new.id])

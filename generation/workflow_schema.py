@@ -476,3 +476,18 @@ def structural_errors(graph, bindings, output_node) -> list[str]:
             elif target[1] not in (graph[str(target[0])].get("inputs") or {}):
                 errors.append(f"binding {param}: node {target[0]} has no input {target[1]!r}")
     return errors
+
+
+def graph_models(slug: str) -> list[tuple[str, str]]:
+    """(ComfyUI's model list name, file name) of every model the workflow's graph loads."""
+    from generation.models import Workflow  # noqa: PLC0415 -- schema checks run before apps load (migrations, tests)
+
+    wf = Workflow.objects.filter(slug=slug).first()
+    if wf is None:
+        return []
+    wanted = []
+    for node in wf.graph.values():
+        for (cls, inp), folder in MODEL_INPUTS.items():
+            if node.get("class_type") == cls and isinstance(node.get("inputs", {}).get(inp), str):
+                wanted.append((folder, node["inputs"][inp]))
+    return wanted

@@ -5,9 +5,9 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from gpu import domain
-from gpu.models import GpuConfig, GpuConfigChange, VastInstance
-from gpu.urls_check import split_token
+from gpu import capacity, domain
+from gpu.models import ComfyUIServer, GpuConfig, GpuConfigChange, ModelFile, VastInstance
+from gpu.urls_check import split_token, validate_service_url
 
 
 def human_duration(seconds):
@@ -185,9 +185,7 @@ class VastInstanceAdmin(admin.ModelAdmin):
 
     @admin.display(description="Active jobs")
     def active_jobs(self, obj):
-        from generation.models import VideoJob
-
-        return obj.jobs.filter(status__in=VideoJob.ACTIVE).count()
+        return capacity.active_jobs(obj.pk)
 
     @admin.display(description="Uptime")
     def uptime(self, obj):
@@ -197,3 +195,42 @@ class VastInstanceAdmin(admin.ModelAdmin):
     @admin.display(description="Cost so far")
     def cost(self, obj):
         return format_html("${}", f"{obj.accrued_cost():.2f}")
+
+
+@admin.register(ModelFile)
+class ModelFileAdmin(admin.ModelAdmin):
+    list_display = ("name", "filename", "folder", "size", "has_sha256")
+    search_fields = ("name", "filename")
+
+    @admin.display(boolean=True, description="sha256")
+    def has_sha256(self, obj):
+        return bool(obj.sha256)
+
+
+class ComfyUIServerForm(forms.ModelForm):
+    token = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False),
+                            help_text="Sent as Authorization: Bearer. Write-only: leave empty to keep the current one.")
+
+    class Meta:
+        model = ComfyUIServer
+        fields = ("name", "url", "token", "enabled", "slots", "dph", "gpu_name")
+
+    def clean_url(self):
+        try:
+            return validate_service_url(self.cleaned_data["url"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc))
+
+    def save(self, commit=True):
+        if not self.cleaned_data.get("token") and self.instance.pk:
+            self.instance.token = ComfyUIServer.objects.filter(pk=self.instance.pk).values_list("token", flat=True).first()
+        return super().save(commit)
+
+
+@admin.register(ComfyUIServer)
+class ComfyUIServerAdmin(admin.ModelAdmin):
+    """Further ComfyUIs jobs may run on, besides the GPU configuration's URL (a home GPU, a second tunnel)."""
+
+    form = ComfyUIServerForm
+    list_display = ("name", "url", "enabled", "slots", "dph", "gpu_name")
+    list_filter = ("enabled",)

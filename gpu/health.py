@@ -2,6 +2,8 @@
 
 from django.core.cache import cache
 
+from gpu import capacity
+
 AVAILABILITY_TTL = 5
 
 
@@ -30,18 +32,9 @@ def _status(result) -> str:
 
 def model_check(url, token, workflow_slug) -> tuple[list[str], list[str]]:
     """(present, missing) model files of the workflow on the ComfyUI at `url`."""
-    from generation.models import Workflow
-    from generation.workflow_schema import MODEL_INPUTS
     from gpu.comfyui import ComfyUIClient, ComfyUIError
 
-    wf = Workflow.objects.filter(slug=workflow_slug).first()
-    if wf is None:
-        return [], []
-    wanted = []
-    for node in wf.graph.values():
-        for (cls, inp), folder in MODEL_INPUTS.items():
-            if node.get("class_type") == cls and isinstance(node.get("inputs", {}).get(inp), str):
-                wanted.append((folder, node["inputs"][inp]))
+    wanted = capacity.workflow_models(workflow_slug)
     present, missing, listings = [], [], {}
     client = ComfyUIClient(url, token=token or None, connect_timeout=3.0, read_timeout=5.0, retries=0)
     try:

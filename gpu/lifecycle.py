@@ -22,6 +22,7 @@ from decimal import Decimal
 from django.db import transaction
 from django.utils import timezone
 
+from gpu import capacity
 from gpu.comfyui import ComfyUIClient, ComfyUIError
 from gpu.domain import ProvisioningError, vast_client, vast_error
 from gpu.models import BadMachine, GpuConfig, VastInstance
@@ -413,12 +414,9 @@ def _boot_failed(instance, message, *, retry, gone=False):
 
 
 def _replacement_wanted(instance) -> bool:
-    from generation.models import VideoJob
-
     if instance.origin == Origin.MANUAL:
         return True
-    return VideoJob.objects.filter(backend=VideoJob.Backend.COMFYUI,
-                                   status__in=(VideoJob.Status.QUEUED, VideoJob.Status.PROVISIONING)).exists()
+    return capacity.jobs_waiting()
 
 
 # ---------------------------------------------------------------------- destroy
@@ -486,9 +484,6 @@ def mark_gone(instance, message, *, failed):
 
 def instance_json(instance, now=None) -> dict:
     """A row as the API and the commands show it (never the WEB_PASSWORD)."""
-    from generation.models import VideoJob
-
-    active = VideoJob.ACTIVE
     cost = instance.accrued_cost(now) if instance.state in VastInstance.LIVE + (St.DESTROYING,) else instance.cost_usd
     return {
         "id": str(instance.id),
@@ -507,7 +502,7 @@ def instance_json(instance, now=None) -> dict:
         "cost_usd": float(cost),
         "comfyui_url": instance.comfyui_url or None,
         "origin": instance.origin,
-        "active_jobs": instance.jobs.filter(status__in=active).count(),
+        "active_jobs": capacity.active_jobs(instance.pk),
         "created_at": instance.created_at,
         "ready_at": instance.ready_at,
         "last_busy_at": instance.last_busy_at,

@@ -43,6 +43,27 @@ class GpuConfig(models.Model):
     scale_out_wait_seconds = models.PositiveIntegerField(default=300)
     max_daily_spend = models.DecimalField(max_digits=10, decimal_places=2, default=Decimal("20.00"))
 
+    # Scheduling (generation.scheduler): where jobs go and how much each GPU takes at once.
+    class Policy(models.TextChoices):
+        GPU_ONLY = "gpu_only", "GPU only (fal.ai only when a job asks for it)"
+        CHEAPEST = "cheapest", "Cheapest place that meets the job's deadline"
+        FASTEST = "fastest", "Fastest place (earliest finish)"
+
+    placement_policy = models.CharField(max_length=10, choices=Policy.choices, default=Policy.GPU_ONLY)
+    slots_per_gpu = models.PositiveSmallIntegerField(
+        default=2, help_text="Jobs handed to one ComfyUI at once: 1 running + 1 waiting in its own queue."
+    )
+    comfyui_dph = models.DecimalField(
+        "$/hour of the ComfyUI URL", max_digits=8, decimal_places=4, default=Decimal("0"),
+        help_text="What an hour of the configured ComfyUI costs you (0 for your own GPU); used to compare prices.",
+    )
+    default_run_seconds = models.PositiveIntegerField(
+        default=300, help_text="Expected seconds of one run while no past run of the same kind is known."
+    )
+    default_boot_seconds = models.PositiveIntegerField(
+        default=600, help_text="Expected seconds for a new vast.ai instance to become ready, until some have booted."
+    )
+
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -208,3 +229,62 @@ class BadMachine(models.Model):
 
     def __str__(self):
         return f"BadMachine {self.machine_id}"
+
+
+class ModelFile(models.Model):
+    """One model file a workflow needs (the model manifest): where ComfyUI wants it and where R2
+    keeps it. Workflows (generation) point here; `workflows` is their reverse relation."""
+
+    name = models.CharField(max_length=100, unique=True)
+    filename = models.CharField(max_length=300)
+    folder = models.CharField(max_length=64, help_text="ComfyUI models/ folder, e.g. unet, loras, vae")
+    r2_key = models.CharField(max_length=500)
+    size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    source = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        # The table the generation app created: the model moved here, the rows stayed.
+        db_table = "generation_modelfile"
+
+    def __str__(self):
+        return f"{self.filename} ({self.folder})"
+
+    @classmethod
+    def for_workflow(cls, slug: str):
+        return cls.objects.filter(workflows__slug=slug).order_by("folder", "filename")
+
+
+class ComfyUIServer(models.Model):
+    """A further ComfyUI (or a second tunnel) jobs may run on, besides GpuConfig.comfyui_url."""
+
+    name = models.CharField(max_length=100, unique=True)
+    url = models.URLField(max_length=500, unique=True)
+    token = models.CharField(max_length=500, blank=True, help_text="Sent as Authorization: Bearer. Write-only.")
+    enabled = models.BooleanField(default=True)
+    slots = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Jobs at once; empty = the GPU config's slots per GPU")
+    dph = models.DecimalField("$/hour", max_digits=8, decimal_places=4, default=Decimal("0"))
+    gpu_name = models.CharField(max_length=100, blank=True, help_text="e.g. RTX 4090; servers with the same GPU share run-time history")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    SECRET_FIELDS = ("token",)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "ComfyUI server"
+
+    def __str__(self):
+        return f"ComfyUIServer {self.name} ({'on' if self.enabled else 'off'})"
+
+
+class PlaceHealth(models.Model):
+    """A ComfyUI URL that stopped answering: the scheduler leaves it alone for a while."""
+
+    url = models.URLField(max_length=500, unique=True)
+    down_since = models.DateTimeField()
+    checked_at = models.DateTimeField()
+    error = models.CharField(max_length=300, blank=True)
+
+    def __str__(self):
+        return f"PlaceHealth {self.url} (down since {self.down_since:%H:%M:%S})"

@@ -20,7 +20,7 @@ import re
 
 from gpu import r2
 from gpu.domain import ProvisioningError
-from gpu.models import GpuConfig, VastInstance
+from gpu.models import GpuConfig, ModelFile, VastInstance
 from gpu.vastai import ONSTART_MAX
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,8 @@ SAFE_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 
 def manifest(config=None) -> list:
     """The ModelFile rows an instance must have: those of the default workflow."""
-    from generation.models import Workflow
-
     config = config or GpuConfig.get()
-    wf = Workflow.objects.filter(slug=config.default_workflow).first()
-    return list(wf.model_files.order_by("folder", "filename")) if wf else []
+    return list(ModelFile.for_workflow(config.default_workflow))
 
 
 def _quote(value: str) -> str:

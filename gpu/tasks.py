@@ -5,7 +5,7 @@ import time
 
 from django.conf import settings
 
-from gpu import demand, lifecycle, reconciler
+from gpu import capacity, lifecycle, reconciler
 from gpu.models import VastInstance
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ def wait_for_instance(instance_id):
     while True:
         step = lifecycle.wait_until_ready(instance)
         if step.done:
+            # Ready (or gone): the scheduler places waiting jobs on it at once.
+            capacity.capacity_changed.send(sender=VastInstance, instance_id=instance.pk)
             return step.message or "done"
         if time.monotonic() + step.delay > deadline:
             break
@@ -34,13 +36,12 @@ def wait_for_instance(instance_id):
     return "continued"
 
 
-def reap_idle():
-    """Schedule (every minute): destroy idle instances, rent one more if jobs wait too long."""
-    if not settings.VASTAI_API_KEY:
-        return "vast.ai is not configured"
-    reaped = demand.reap_idle()
-    added = demand.scale_out_if_needed()
-    return f"reaped {len(reaped)}" + (f", scaled out to {added.vast_id}" if added else "")
+def save_costs():
+    """Schedule (every minute): record what each live instance has cost so far. (Idle instances
+    are destroyed by the scheduler, which knows whether jobs wait for them.)"""
+    for instance in VastInstance.objects.filter(state__in=VastInstance.LIVE):
+        lifecycle.save_cost(instance)
+    return "saved"
 
 
 def reconcile():

@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
+from gpu import capacity
 from gpu.models import GpuConfig, VastInstance
 from gpu.urls_check import split_token, validate_service_url
 
@@ -48,20 +49,15 @@ def spent_today():
 
 def instance_rows(config, now=None):
     """The instances not yet gone, with uptime, cost so far and time left before the idle reaper destroys them."""
-    from django.db.models import Max
-
-    from generation.models import VideoJob
-
     now = now or timezone.now()
     rows = []
     gone = Q(state=State.DESTROYED) | Q(state=State.FAILED, destroyed_at__isnull=False)
     for inst in VastInstance.objects.exclude(gone).order_by("-created_at"):
-        busy = VideoJob.objects.filter(instance=inst, status__in=VideoJob.ACTIVE).exists()
+        busy = capacity.active_jobs(inst.pk) > 0
         left = None
         if inst.state == State.RUNNING and not busy:
-            # The same clock as gpu.demand.reap_idle: the latest of busy, ready, last job, created.
-            last_job = inst.jobs.aggregate(last=Max("finished_at"))["last"]
-            since = max(t for t in (inst.last_busy_at, inst.ready_at, last_job, inst.created_at) if t)
+            # The scheduler's idle clock: the latest of busy, ready, last job, created.
+            since = capacity.idle_since(inst)
             left = max(0.0, (since + timedelta(minutes=config.idle_minutes) - now).total_seconds())
         rows.append({
             "inst": inst,

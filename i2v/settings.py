@@ -217,8 +217,10 @@ FAL_KEY = env("FAL_KEY")
 FAL_QUEUE_URL = env("FAL_QUEUE_URL", "https://queue.fal.run").rstrip("/")
 FAL_ENDPOINT = env("FAL_ENDPOINT", "fal-ai/wan/v2.2-a14b/image-to-video")
 I2V_FAL_POLL_SECONDS = env_float("I2V_FAL_POLL_SECONDS", 2.0)
-# Seconds a ComfyUI job may wait for a GPU before it is sent to fal.ai instead (0 = never).
-I2V_FAL_FALLBACK_AFTER = env_int("I2V_FAL_FALLBACK_AFTER", 0)
+# Per-user defaults of the scheduler's limits (admin → User quotas overrides them per user).
+I2V_MAX_WAITING = env_int("I2V_MAX_WAITING", 20)  # jobs waiting at once; more → 429
+I2V_MAX_RUNNING = env_int("I2V_MAX_RUNNING", 4)  # jobs bound to a GPU (or fal.ai) at once
+I2V_FAL_DAILY_USD = env_float("I2V_FAL_DAILY_USD", 10.0)  # fal.ai spend per user per day (UTC)
 # Where fal.ai can reach this server for webhooks (e.g. https://i2v.example.com); unset → polling.
 I2V_PUBLIC_URL = env("I2V_PUBLIC_URL").rstrip("/")
 COMFYUI_URL = env("COMFYUI_URL")

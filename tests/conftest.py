@@ -104,7 +104,8 @@ def _shipped_workflows(request):
     if "transactional_db" in request.fixturenames or (marker and marker.kwargs.get("transaction")):
         request.getfixturevalue("transactional_db")
         from generation.domain import sync_shipped_workflows
-        from generation.models import ModelFile, Workflow
+        from generation.models import Workflow
+        from gpu.models import ModelFile
 
         sync_shipped_workflows(Workflow, ModelFile)
     yield

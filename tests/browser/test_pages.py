@@ -13,7 +13,8 @@ from django.utils import timezone
 from playwright.sync_api import expect
 
 from generation.domain import sync_shipped_workflows
-from generation.models import ModelFile, VideoJob, Workflow
+from generation.models import VideoJob, Workflow
+from gpu.models import ModelFile
 from gpu.models import GpuConfig, VastInstance
 from tests.browser.conftest import sample_image
 from tests.doubles.comfyui import ComfyUIDouble

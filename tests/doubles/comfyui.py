@@ -54,7 +54,7 @@ the test thread):
 Observation: ``requests`` (every request: method, path, query, headers),
 ``prompt_posts`` (a Counter of ``POST /prompt`` per prompt_id),
 ``submitted`` (the JSON bodies), ``count(method, path)``, ``running_prompt_id``,
-``pending_prompt_ids``, ``history_ids``, ``output_bytes()``, ``output_sha256()``,
+``pending_prompt_ids``, ``max_queued``, ``history_ids``, ``output_bytes()``, ``output_sha256()``,
 ``wait_for(predicate)``.
 """
 
@@ -294,6 +294,7 @@ class ComfyUIDouble(LoopServer):
         self.view_bytes_sent = 0  # output bytes written to /view responses so far
         self.prompt_posts: collections.Counter = collections.Counter()
         self.submitted: list[dict] = []
+        self.max_queued = 0  # the most prompts it held at once (running + pending)
         self._fail_rules: list[dict] = []
         self._held = threading.Event()
         self._passes = 0
@@ -899,6 +900,7 @@ class ComfyUIDouble(LoopServer):
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
         self._seq += 1
         heapq.heappush(self._pending, _Item(number, self._seq, prompt_id, prompt, extra_data, outputs))
+        self.max_queued = max(self.max_queued, len(self._pending) + (1 if self._running else 0))
         self._queue_updated()
         self._work.set()
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})

@@ -8,9 +8,11 @@ import pytest
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from generation import fal_runner, runner
+from generation import fal_runner, runner, scheduler
 from generation.fal import estimate_cost
-from generation.models import VideoJob
+from generation.models import RunStat, UserQuota, VideoJob
+from gpu.models import GpuConfig
+from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.fal import FalDouble
 from tests.generation.test_runner import make_job, run_to_end
 from tests.helpers import png_bytes
@@ -119,17 +121,50 @@ def test_fal_backend_needs_a_key(api, settings):
     assert resp.status_code == 422 and "FAL_KEY" in resp.json()["detail"]
 
 
-def test_fallback_sends_a_waiting_gpu_job_to_fal(fal, user, settings):
-    settings.I2V_FAL_FALLBACK_AFTER = 60
-    job = make_job(user, workflow="wan22-i2v")  # no ComfyUI configured: it can only wait
-    VideoJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=61))
-    job = run_to_end(job)
-    assert job.status == S.COMPLETED, job.error
-    assert job.backend == "fal" and "Sent to fal.ai" in job.note
+def _learned(kind_job, gpu_class, seconds):
+    RunStat.objects.create(workflow_slug=kind_job.workflow_slug, width=kind_job.width, height=kind_job.height,
+                           frames=kind_job.frames, gpu_class=gpu_class, runs=5, mean_seconds=seconds)
 
 
-def test_fallback_is_off_by_default(fal, user):
+@pytest.mark.parametrize("policy, deadline, where", [
+    ("cheapest", 120, "fal"),  # the GPU (300 s) would miss it; fal.ai (60 s) meets it
+    ("cheapest", None, "config"),  # no deadline: the free GPU
+    ("gpu_only", 120, "config"),  # the operator never pays fal.ai for GPU jobs
+    ("fastest", None, "fal"),
+])
+def test_policy_and_deadline_choose_between_the_gpu_and_fal(fal, user, settings, policy, deadline, where):
+    with ComfyUIDouble() as comfy:
+        config = GpuConfig.get()
+        config.comfyui_url, config.gpu_provider, config.placement_policy = comfy.url, "local", policy
+        config.save()
+        probe = make_job(user, workflow="wan22-i2v", place=False)
+        _learned(probe, "fal", 60)
+        _learned(probe, f"url:{comfy.url}", 300)
+        probe.delete()
+        deadline_at = timezone.now() + timedelta(seconds=deadline) if deadline else None
+        job = make_job(user, workflow="wan22-i2v", deadline_at=deadline_at)
+        assert job.place == where
+        assert job.backend == ("fal" if where == "fal" else "comfyui")
+        if where == "fal":
+            job = run_to_end(job)
+            assert job.status == S.COMPLETED and job.cost_usd == estimate_cost(settings.FAL_ENDPOINT, 832, 480, 81)
+
+
+def test_gpu_only_never_spends_on_fal_for_a_gpu_job(fal, user):
     job = make_job(user, workflow="wan22-i2v")
     VideoJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(days=1))
     job = run_to_end(job)
     assert job.backend == "comfyui" and job.status == S.FAILED and "No GPU is configured" in job.error
+
+
+def test_fal_spend_per_user_per_day_holds_jobs_back(fal, user, settings):
+    settings.I2V_FAL_DAILY_USD = 0.1  # one Wan clip at 832x480 costs $0.2025
+    job = fal_job(user)
+    job.refresh_from_db()
+    assert job.place == "" and job.status == S.QUEUED and "fal.ai budget for today is spent" in job.note
+    UserQuota.objects.create(user=user, fal_daily_usd=Decimal("5"))
+    scheduler.run_pass()
+    job.refresh_from_db()
+    assert job.place == "fal"
+
+

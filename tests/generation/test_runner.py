@@ -10,9 +10,10 @@ import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
-from generation import runner, tasks
+from generation import runner, scheduler, tasks
 from generation.domain import sync_shipped_workflows
-from generation.models import ModelFile, VideoJob, Workflow
+from generation.models import VideoJob, Workflow
+from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.helpers import png_bytes
@@ -45,7 +46,8 @@ def configured(comfy, requeued, settings):
     return comfy
 
 
-def make_job(owner, workflow="smoke", **kw):
+def make_job(owner, workflow="smoke", place=True, **kw):
+    """A queued job as the API makes it; with `place`, the scheduler's pass places it as a worker would."""
     # transaction=True tests flush the tables the data migration filled.
     sync_shipped_workflows(Workflow, ModelFile)
     wf = Workflow.objects.get(slug=workflow)
@@ -54,6 +56,9 @@ def make_job(owner, workflow="smoke", **kw):
                    width=d["width"], height=d["height"], frames=d["frames"], fps=d["fps"], steps=d.get("steps"), **kw)
     job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
     job.save()
+    if place:
+        scheduler.run_pass()
+        job.refresh_from_db()
     return job
 
 
@@ -258,20 +263,42 @@ def test_cancel_pending_job_removes_it_from_the_queue(configured, user, api):
     assert run_to_end(first).status == S.COMPLETED
 
 
-def test_unreachable_comfyui_fails_with_troubleshooting(requeued, user, monkeypatch, settings):
+def test_unreachable_comfyui_sends_the_job_back_to_wait_then_fails_after_the_grace(requeued, user, settings):
     from tests.conftest import free_port
 
     config = GpuConfig.get()
     config.comfyui_url = f"http://127.0.0.1:{free_port()}"
     config.save()
     job = make_job(user)
-    assert tasks.run_job(str(job.id)) == "continued"  # within the grace period: retried
+    assert job.place == "config"
+    assert tasks.run_job(str(job.id)) == "done"
     job.refresh_from_db()
-    assert job.status == S.QUEUED
-    monkeypatch.setattr(runner, "UNREACHABLE_GRACE", 0)
-    job = run_to_end(job)
+    # Nothing was posted, so the job waits in i2v's queue again and says why.
+    assert job.status == S.QUEUED and job.place == "" and job.prompt_id == ""
+    assert f"ComfyUI at {config.comfyui_url} unreachable since" in job.note and "refused" in job.note
+    assert "retrying until" in job.note
+    settings.I2V_COMFYUI_GRACE = 0
+    scheduler.run_pass()
+    job.refresh_from_db()
     assert job.status == S.FAILED
     assert "refused" in job.error.lower() and "Test connection" in job.error
+
+
+def test_a_job_waiting_for_an_unreachable_gpu_runs_once_the_url_is_fixed(comfy, requeued, user):
+    from tests.conftest import free_port
+
+    config = GpuConfig.get()
+    config.comfyui_url = f"http://127.0.0.1:{free_port()}"
+    config.save()
+    job = make_job(user)
+    tasks.run_job(str(job.id))
+    job.refresh_from_db()
+    assert job.status == S.QUEUED and "unreachable since" in job.note
+    config.comfyui_url = comfy.url
+    config.save()
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED and job.comfyui_url == comfy.url
+    assert len(comfy.prompt_posts) == 1
 
 
 def test_no_gpu_configured_fails_clearly(requeued, user):

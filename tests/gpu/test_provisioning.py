@@ -1,5 +1,5 @@
 """Renting, booting, destroying and reconciling vast.ai GPUs (gpu.offers, gpu.onstart, gpu.lifecycle,
-gpu.reconciler, gpu.demand), against the vast.ai and ComfyUI doubles over HTTP."""
+gpu.reconciler), against the vast.ai and ComfyUI doubles over HTTP."""
 
 import logging
 import subprocess
@@ -9,8 +9,9 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
-from generation.models import ModelFile, VideoJob, Workflow
-from gpu import demand, lifecycle, onstart, reconciler, tasks
+from generation.models import Workflow
+from gpu.models import ModelFile
+from gpu import lifecycle, onstart, reconciler, tasks
 from gpu import offers as vast_offers
 from gpu.models import BadMachine, GpuConfig, VastInstance
 from gpu.vastai import ENV_VALUE_MAX, ONSTART_MAX
@@ -21,11 +22,6 @@ from tests.helpers import StaticServer
 
 pytestmark = pytest.mark.django_db
 I = VastInstance.State
-
-
-def make_job(owner, status=VideoJob.Status.QUEUED, **kw):
-    return VideoJob.objects.create(owner=owner, input_image="inputs/x.png", prompt="p", workflow_slug="smoke",
-                                   width=64, height=64, frames=17, fps=8, status=status, **kw)
 
 
 # ---------------------------------------------------------------------- offers
@@ -390,7 +386,8 @@ def test_wait_task_hands_itself_back_until_ready(policy, vast, comfy, queued, dj
     comfy.token, comfy.placeholder = instance.web_password, False
     assert tasks.wait_for_instance(str(instance.pk)) == "ready"
     assert tasks.wait_for_instance(str(instance.pk)) == "done"  # a duplicate delivery is harmless
-    assert len(queued) == 1
+    # Ready wakes the scheduler; the duplicate does nothing at all.
+    assert queued == [("gpu.tasks.wait_for_instance", str(instance.pk)), ("generation.tasks.schedule",)]
 
 
 # ---------------------------------------------------------------------- destroy, reap, reconcile
@@ -427,35 +424,6 @@ def test_destroy_while_vast_is_unreachable_stays_destroying_until_the_reconciler
     report = reconciler.reconcile()
     instance.refresh_from_db()
     assert report["retried"] == [instance.vast_id] and instance.state == I.DESTROYED and live_vast_ids(vast) == []
-
-
-def test_reap_idle_destroys_only_instances_idle_past_the_limit(policy, vast, comfy, user):
-    policy.max_instances = 3
-    policy.save()
-    idle, recent, busy = (boot_to_ready(rent(), vast, comfy) for _ in range(3))
-    long_ago = timezone.now() - timedelta(minutes=policy.idle_minutes + 1)
-    VastInstance.objects.filter(pk__in=[idle.pk, busy.pk]).update(created_at=long_ago, ready_at=long_ago,
-                                                                   last_busy_at=long_ago)
-    make_job(user, status=VideoJob.Status.RUNNING, instance=busy)
-
-    reaped = demand.reap_idle()
-
-    assert [i.pk for i in reaped] == [idle.pk]
-    states = dict(VastInstance.objects.values_list("pk", "state"))
-    assert states == {idle.pk: I.DESTROYED, recent.pk: I.RUNNING, busy.pk: I.RUNNING}
-    assert sorted(live_vast_ids(vast)) == sorted([recent.vast_id, busy.vast_id])
-    idle.refresh_from_db()
-    assert "idle for more than 15 min" in idle.status_msg and idle.cost_usd > 0
-
-
-def test_reap_idle_counts_from_the_last_job_finishing(policy, vast, comfy, user):
-    instance = boot_to_ready(rent(), vast, comfy)
-    long_ago = timezone.now() - timedelta(hours=1)
-    VastInstance.objects.filter(pk=instance.pk).update(ready_at=long_ago, last_busy_at=long_ago)
-    make_job(user, status=VideoJob.Status.COMPLETED, instance=instance, finished_at=timezone.now() - timedelta(minutes=2))
-
-    assert demand.reap_idle() == []
-    assert tasks.reap_idle() == "reaped 0"
 
 
 def test_reconcile_destroys_unknown_and_known_destroyed_rentals_and_marks_vanished_rows(policy, vast):
@@ -514,77 +482,21 @@ def test_reconcile_restarts_a_stalled_wait_and_fails_unconfirmed_reservations(po
     assert never.state == I.FAILED and "never confirmed" in never.error
 
 
-# ---------------------------------------------------------------------- capacity for jobs
-
-
-def test_ensure_capacity_starts_one_instance_and_waits_for_it(policy, vast, comfy, user):
-    job = make_job(user)
-
-    assert demand.ensure_capacity_for(job) is None
-    assert demand.ensure_capacity_for(make_job(user)) is None  # a second job waits for the same one
-
-    instance = VastInstance.objects.get()
-    assert instance.origin == "job" and instance.created_by == user and live_vast_ids(vast) == [instance.vast_id]
-    job.refresh_from_db()
-    assert job.instance == instance
-    boot_to_ready(instance, vast, comfy)
-    assert demand.ensure_capacity_for(job) == instance
-
-
-def test_ensure_capacity_picks_the_least_busy_ready_instance(policy, vast, comfy, user):
-    policy.max_instances = 2
-    policy.save()
-    a, b = boot_to_ready(rent(), vast, comfy), boot_to_ready(rent(), vast, comfy)
-    make_job(user, status=VideoJob.Status.RUNNING, instance=a)
-
-    chosen = demand.ensure_capacity_for(make_job(user))
-
-    assert chosen == b
-    b.refresh_from_db()
-    assert b.last_busy_at is not None
-
-
-def test_scale_out_when_jobs_waited_too_long(policy, vast, comfy, user):
-    policy.max_instances = 2
-    policy.save()
-    first = boot_to_ready(rent(), vast, comfy)
-    long_ago = timezone.now() - timedelta(seconds=policy.scale_out_wait_seconds + 10)
-    make_job(user, status=VideoJob.Status.RUNNING, instance=first, submitted_at=long_ago, started_at=long_ago)
-    make_job(user, status=VideoJob.Status.SUBMITTED, instance=first, submitted_at=long_ago)
-
-    assert tasks.reap_idle().startswith("reaped 0, scaled out to ")
-
-    added = VastInstance.objects.get(state=I.CREATING)
-    assert added.origin == "scale-out" and len(live_vast_ids(vast)) == 2
-    assert demand.scale_out_if_needed() is None  # one booting is enough; and now at max_instances
-
-
-def test_ensure_capacity_gives_up_after_three_failed_boots(policy, vast, user):
-    job = make_job(user)
-    for n in range(lifecycle.MAX_BOOT_ATTEMPTS):
-        VastInstance.objects.create(state=I.FAILED, error=f"boot {n} went exited", destroyed_at=timezone.now())
-
-    with pytest.raises(lifecycle.ProvisioningError) as err:
-        demand.ensure_capacity_for(job)
-
-    assert "in 3 attempts" in str(err.value) and "went exited" in str(err.value)
-
-
-def test_schedules_for_the_reaper_and_the_reconciler_exist():
+def test_schedules_for_costs_and_the_reconciler_exist():
     import importlib
 
     from django.apps import apps
     from django_q.models import Schedule
 
-    migration = importlib.import_module("gpu.migrations.0003_schedules")
-    migration.add(apps, None)  # what `migrate` ran; again, as a re-run must not duplicate them
+    importlib.import_module("gpu.migrations.0003_schedules").add(apps, None)
+    importlib.import_module("gpu.migrations.0005_save_costs_schedule").forward(apps, None)
+    # What `migrate` ran; again, as a re-run must not duplicate them.
     rows = {s.func: s for s in Schedule.objects.filter(func__startswith="gpu.tasks.")}
-    assert set(rows) == {"gpu.tasks.reap_idle", "gpu.tasks.reconcile"}
+    assert set(rows) == {"gpu.tasks.save_costs", "gpu.tasks.reconcile"}
     assert all(s.schedule_type == "I" and s.minutes == 1 and s.repeats == -1 for s in rows.values())
 
 
 def test_tasks_do_nothing_without_an_api_key(settings, db):
     settings.VASTAI_API_KEY = ""
 
-    assert tasks.reap_idle() == "vast.ai is not configured"
     assert tasks.reconcile() == "vast.ai is not configured"

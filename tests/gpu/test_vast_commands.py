@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from django.utils import timezone
 
-from generation.models import ModelFile
+from gpu.models import ModelFile
 from gpu import r2
 from gpu.models import VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)

@@ -12,10 +12,10 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
-from generation import runner
 from generation import tasks as job_tasks
 from generation.domain import job_json, sync_shipped_workflows
-from generation.models import ModelFile, VideoJob, Workflow
+from generation.models import VideoJob, Workflow
+from gpu.models import ModelFile
 from gpu import tasks as gpu_tasks
 from gpu.models import GpuConfig, VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
@@ -38,9 +38,8 @@ def smoke_job(owner) -> VideoJob:
 
 
 def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_destroyed(
-        vast_settings, r2_settings, vast, comfy, queued, user, monkeypatch):
+        vast_settings, r2_settings, vast, comfy, queued, user):
     vast_settings.I2V_FOLLOW_SLICE = 2
-    monkeypatch.setattr(runner, "GPU_WAIT_PAUSE", 0)  # a waiting job's slice ends at once; the test is the clock
     sync_shipped_workflows(Workflow, ModelFile)
     config = GpuConfig.get()  # the fresh install's defaults, but for the provider
     config.gpu_provider = "vastai"
@@ -48,15 +47,15 @@ def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_de
     assert config.comfyui_url == "" and config.default_workflow == "wan22-i2v"
     job = smoke_job(user)
 
-    # The job finds no GPU: it rents the cheapest matching offer and waits for it.
-    assert job_tasks.run_job(str(job.id)) == "continued"
+    # The scheduler finds no GPU for the waiting job: it rents the cheapest matching offer.
+    assert job_tasks.schedule() == "bound 0, waiting 1, rented 1, destroyed 0"
+    assert job_tasks.run_job(str(job.id)) == "waiting"
     job.refresh_from_db()
     instance = VastInstance.objects.get()
-    assert job.status == S.PROVISIONING and job.instance == instance and job_json(job)["instance_id"] == str(instance.id)
+    assert job.status == S.PROVISIONING and job.place == "" and job_json(job)["queue_position"] == 0
     assert instance.state == I.CREATING and instance.offer_id == CHEAPEST_MATCHING and instance.origin == "job"
     assert live_vast_ids(vast) == [instance.vast_id]
     assert ("gpu.tasks.wait_for_instance", str(instance.id)) in queued
-    assert ("generation.tasks.run_job", str(job.id)) in queued
     # The onstart carries the manifest: one presigned R2 URL per model of the default workflow.
     onstart = vast.requests_to("PUT", "/asks/*")[-1].json["onstart"]
     script = onstart if not instance.provisioning_key else \
@@ -68,21 +67,27 @@ def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_de
     assert gpu_tasks.wait_for_instance(str(instance.id)) == "continued"
     vast.advance(instance.vast_id, "loading")
     assert gpu_tasks.wait_for_instance(str(instance.id)) == "continued"
-    assert job_tasks.run_job(str(job.id)) == "continued"
+    assert job_tasks.schedule().startswith("bound 0, waiting 1, rented 0")
     vast.advance(instance.vast_id, "running")
     assert gpu_tasks.wait_for_instance(str(instance.id)) == "continued"  # the portal placeholder: not ready
     instance.refresh_from_db()
-    job.refresh_from_db()
     assert instance.state == I.LOADING and "ComfyUI is still starting" in instance.status_msg
-    assert job.status == S.PROVISIONING and VastInstance.objects.count() == 1
-    assert job_tasks.run_job(str(job.id)) == "continued"
+    job_tasks.schedule()
     job.refresh_from_db()
+    assert job.status == S.PROVISIONING and VastInstance.objects.count() == 1
     assert job_json(job)["note"] == (f"Waiting for a vast.ai GPU (instance {instance.vast_id}, RTX 4090 at $0.362/h): "
                                      "loading, ComfyUI is still starting (installing nodes, downloading models)")
     comfy.placeholder = False
+    queued.clear()
     assert gpu_tasks.wait_for_instance(str(instance.id)) == "ready"
     instance.refresh_from_db()
     assert instance.state == I.RUNNING and instance.comfyui_url == f"http://127.0.0.1:{comfy.port}"
+    # The instance being ready wakes the scheduler, which places the job on it and hands it to a worker.
+    assert queued == [("generation.tasks.schedule",)]
+    assert job_tasks.schedule().startswith("bound 1, waiting 0")
+    assert ("generation.tasks.run_job", str(job.id)) in queued
+    job.refresh_from_db()
+    assert job.place == f"vast:{instance.pk}" and job.instance == instance
 
     # The job runs on it, with the instance's password, and completes.
     for _ in range(30):
@@ -99,15 +104,16 @@ def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_de
     seconds = Decimal((job.finished_at - job.submitted_at).total_seconds())
     assert job.cost_usd == (instance.dph_total * seconds / Decimal(3600)).quantize(Decimal("0.0001"))
 
-    # Just finished: not idle yet. After the idle time the reaper destroys it.
-    assert gpu_tasks.reap_idle() == "reaped 0"
+    # Just finished: not idle yet. After the idle time the scheduler destroys it.
+    assert job_tasks.schedule().endswith("destroyed 0")
     earlier = timezone.now() - timedelta(minutes=config.idle_minutes + 1)
     VastInstance.objects.filter(pk=instance.pk).update(created_at=earlier - timedelta(minutes=10), ready_at=earlier,
                                                        last_busy_at=earlier)
     VideoJob.objects.filter(pk=job.pk).update(finished_at=earlier)
-    assert gpu_tasks.reap_idle() == "reaped 1"
+    assert job_tasks.schedule().endswith("destroyed 1")
     instance.refresh_from_db()
     assert instance.state == I.DESTROYED and instance.destroyed_at and "idle" in instance.destroy_reason
+    assert gpu_tasks.save_costs() == "saved"
     assert instance.cost_usd == instance.accrued_cost() > 0
     assert live_vast_ids(vast) == [] and vast.instances[instance.vast_id]["destroyed"]
     assert gpu_tasks.reconcile() == "nothing to do"
@@ -120,27 +126,26 @@ def test_job_fails_with_the_reason_when_no_gpu_can_be_rented(vast_settings, vast
     config.save()
     job = smoke_job(user)
 
-    assert job_tasks.run_job(str(job.id)) == "done"
+    job_tasks.schedule()
 
     job.refresh_from_db()
     assert job.status == S.FAILED and job.error.startswith("Daily spend cap: $0.00 already spent")
     assert "Raise max_daily_spend" in job_json(job)["error"] and live_vast_ids(vast) == []
 
 
-def test_job_fails_after_three_machines_died_under_it(vast_settings, vast, queued, user, monkeypatch):
-    monkeypatch.setattr(runner, "GPU_WAIT_PAUSE", 0)
+def test_job_fails_after_three_machines_died_under_it(vast_settings, vast, queued, user):
     sync_shipped_workflows(Workflow, ModelFile)
     config = GpuConfig.get()
     config.gpu_provider, config.default_workflow = "vastai", "smoke"
     config.save()
     job = smoke_job(user)
 
-    job_tasks.run_job(str(job.id))
+    job_tasks.schedule()
     for _ in range(3):
         booting = VastInstance.objects.get(state__in=VastInstance.BOOTING)
         vast.advance(booting.vast_id, "exited")
         gpu_tasks.wait_for_instance(str(booting.id))  # destroys it, rents a replacement while the job waits
-        job_tasks.run_job(str(job.id))
+        job_tasks.schedule()
 
     job.refresh_from_db()
     assert job.status == S.FAILED and "No vast.ai GPU could be readied for this job in 3 attempts" in job.error
@@ -148,18 +153,17 @@ def test_job_fails_after_three_machines_died_under_it(vast_settings, vast, queue
     assert VastInstance.objects.filter(state=I.FAILED).count() == 3 and live_vast_ids(vast) == []
 
 
-def test_a_job_waiting_for_a_gpu_can_be_cancelled(vast_settings, vast, queued, user, monkeypatch):
+def test_a_job_waiting_for_a_gpu_can_be_cancelled(vast_settings, vast, queued, user):
     from generation.domain import cancel_job
 
-    monkeypatch.setattr(runner, "GPU_WAIT_PAUSE", 0)
     sync_shipped_workflows(Workflow, ModelFile)
     config = GpuConfig.get()
     config.gpu_provider, config.default_workflow = "vastai", "smoke"
     config.save()
     job = smoke_job(user)
-    job_tasks.run_job(str(job.id))
+    job_tasks.schedule()
 
     job = cancel_job(VideoJob.objects.get(pk=job.pk))
 
     assert job.status == S.CANCELLED and job_tasks.run_job(str(job.id)) == "busy-or-finished"
-    assert VastInstance.objects.get().state == I.CREATING  # it boots on; unused, the reaper takes it after the idle time
+    assert VastInstance.objects.get().state == I.CREATING  # it boots on; unused, the scheduler destroys it when idle

@@ -8,7 +8,8 @@ import boto3
 import pytest
 
 from generation.domain import sync_shipped_workflows
-from generation.models import ModelFile, Workflow
+from generation.models import Workflow
+from gpu.models import ModelFile
 from gpu import lifecycle, reconciler
 from gpu.models import GpuConfig, VastInstance
 from tests.doubles.comfyui import ComfyUIDouble

@@ -25,7 +25,8 @@ from django.conf import settings
 from django.db import connection
 
 from generation.domain import sync_shipped_workflows
-from generation.models import ModelFile, VideoJob, Workflow
+from generation.models import VideoJob, Workflow
+from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.helpers import png_bytes

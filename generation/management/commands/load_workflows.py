@@ -1,7 +1,8 @@
 from django.core.management.base import BaseCommand
 
 from generation.domain import sync_shipped_workflows
-from generation.models import ModelFile, Workflow
+from generation.models import Workflow
+from gpu.models import ModelFile
 
 
 class Command(BaseCommand):

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from gpu import r2
+from gpu.models import ModelFile
 
 MiB = 1024 * 1024
 
@@ -48,8 +49,6 @@ class Command(BaseCommand):
                                  "$I2V_DATA_DIR/models)")
 
     def handle(self, *args, only=None, dir=None, **options):
-        from generation.models import ModelFile
-
         if not r2.configured():
             raise CommandError("R2 is not configured: set R2_BUCKET, R2_ENDPOINT_URL (or R2_ACCOUNT_ID), "
                                "R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY.")

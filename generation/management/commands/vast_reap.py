@@ -1,22 +1,27 @@
 from django.core.management.base import BaseCommand
 
-from gpu import demand, lifecycle, reconciler
-from gpu.models import GpuConfig
+from generation import scheduler
+from gpu import lifecycle, reconciler
+from gpu.models import GpuConfig, VastInstance
 
 
 class Command(BaseCommand):
-    help = "Destroy idle vast.ai instances now (what the every-minute schedule does), then reconcile."
+    help = ("Run a scheduling pass now (what the every-minute schedule does): destroy idle vast.ai instances, "
+            "rent what the queue needs; then reconcile with vast.ai.")
 
     def add_arguments(self, parser):
         parser.add_argument("--no-reconcile", action="store_true")
 
     def handle(self, *args, **options):
         config = GpuConfig.get()
-        reaped = demand.reap_idle()
-        for instance in reaped:
+        result = scheduler.run_pass()
+        scheduler.carry_out(result)
+        for instance in VastInstance.objects.filter(pk__in=result.destroy):
             self.stdout.write(f"Destroyed idle instance {instance.vast_id} ({instance.gpu_name}, ${instance.cost_usd:.4f}).")
-        if not reaped:
+        if not result.destroy:
             self.stdout.write(f"No instance has been idle for {config.idle_minutes} minutes.")
+        if result.rent:
+            self.stdout.write(f"Renting {result.rent} more instance(s) for the waiting jobs.")
         if options["no_reconcile"]:
             return
         try:

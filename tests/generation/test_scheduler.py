@@ -1,0 +1,271 @@
+"""The scheduler: jobs wait in i2v's queue and are placed fairly, only where a slot is free."""
+
+import threading
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.utils import timezone
+
+from generation import scheduler, tasks
+from generation.domain import job_json
+from generation.models import RunStat, UserQuota, VideoJob
+from generation.scheduler import Estimator, WaitingJob, fair_order
+from gpu.models import ComfyUIServer, GpuConfig
+from tests.doubles.comfyui import ComfyUIDouble
+from tests.generation.test_runner import make_job, requeued, run_to_end  # noqa: F401 (fixture)
+from tests.helpers import png_bytes
+
+S = VideoJob.Status
+
+
+def _jobs(user, n, start=0.0):
+    return [WaitingJob(f"{user}{i + 1}", user, start + i, "comfyui", None, ("smoke", 64, 64, 17)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------- the order (pure)
+
+
+def test_fair_order_takes_turns_across_users_each_users_jobs_in_order():
+    by_user = {"a": _jobs("a", 5), "b": _jobs("b", 2, start=10), "c": _jobs("c", 1, start=20)}
+    order = [job.id for job in fair_order(by_user, running={}, weights={})]
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3", "a4", "a5"]
+
+
+def test_weight_two_gets_two_turns_to_one():
+    by_user = {"a": _jobs("a", 6), "b": _jobs("b", 6, start=10)}
+    order = [job.id for job in fair_order(by_user, running={}, weights={"a": 2})]
+    assert [j[0] for j in order[:9]].count("a") == 6 and order[:3].count("b1") == 1
+
+
+def test_a_user_who_holds_gpus_waits_behind_one_who_holds_none():
+    by_user = {"a": _jobs("a", 3), "b": _jobs("b", 3, start=10)}
+    order = [job.id for job in fair_order(by_user, running={"a": 2}, weights={})]
+    assert order[:4] == ["b1", "b2", "a1", "b3"]
+
+
+def test_estimator_prefers_learned_run_times_and_falls_back_to_the_default():
+    estimate = Estimator({("smoke", 64, 64, 17, "RTX 4090"): 12.5}, default=300)
+    assert estimate(("smoke", 64, 64, 17), "RTX 4090") == 12.5
+    assert estimate(("smoke", 64, 64, 17), "RTX 3090") == 300
+
+
+# ---------------------------------------------------------------------- placing jobs (database)
+
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def comfy():
+    with ComfyUIDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def one_gpu(comfy, requeued, settings):  # noqa: F811
+    settings.I2V_FOLLOW_SLICE = 5
+    config = GpuConfig.get()
+    config.comfyui_url, config.gpu_provider = comfy.url, "local"
+    config.save()
+    return comfy
+
+
+def _state(jobs):
+    for job in jobs:
+        job.refresh_from_db()
+    return [job.place or "-" for job in jobs]
+
+
+def test_a_gpu_takes_one_running_and_one_waiting_job_the_rest_wait_in_i2v(one_gpu, user):
+    jobs = [make_job(user) for _ in range(5)]
+    assert _state(jobs) == ["config", "config", "-", "-", "-"]
+    waiting = [job_json(job) for job in jobs[2:]]
+    assert [w["queue_position"] for w in waiting] == [0, 1, 2]
+    starts = [w["expected_start_at"] for w in waiting]
+    assert all(starts) and starts == sorted(starts) and starts[0] > timezone.now()
+    assert all(w["status"] == "queued" and w["place"] is None for w in waiting)
+
+    # The first finishes on ComfyUI (its GPU slot frees once the video is being stored): the next is placed.
+    run_to_end(jobs[0])
+    assert _state(jobs)[2:] == ["config", "-", "-"]
+    assert one_gpu.max_queued <= 2
+
+
+def test_jobs_spread_over_every_configured_comfyui(one_gpu, user):
+    with ComfyUIDouble() as second:
+        server = ComfyUIServer.objects.create(name="home", url=second.url)
+        jobs = [make_job(user) for _ in range(4)]
+        assert sorted(_state(jobs)) == ["config", "config", f"server:{server.pk}", f"server:{server.pk}"]
+        for job in jobs:
+            assert run_to_end(job).status == S.COMPLETED
+        assert len(one_gpu.prompt_posts) == 2 and len(second.prompt_posts) == 2
+        assert max(one_gpu.max_queued, second.max_queued) <= 2
+
+
+def test_another_users_job_goes_before_the_first_users_backlog(one_gpu, user, other_user):
+    backlog = [make_job(user) for _ in range(6)]
+    mine = make_job(other_user)
+    assert _state(backlog)[:2] == ["config", "config"] and mine.place == ""
+    assert job_json(mine)["queue_position"] == 0  # ahead of alice's four waiting jobs
+    run_to_end(backlog[0])
+    mine.refresh_from_db()
+    assert mine.place == "config" and _state(backlog)[2:] == ["-", "-", "-", "-"]
+
+
+def test_max_running_per_user_holds_the_rest_back(one_gpu, user):
+    UserQuota.objects.create(user=user, max_running=1)
+    jobs = [make_job(user) for _ in range(3)]
+    assert _state(jobs) == ["config", "-", "-"]
+
+
+def test_max_waiting_answers_429_naming_the_limit(api, user, requeued, settings):  # noqa: F811
+    settings.I2V_MAX_WAITING = 2
+    import io
+
+    def post():
+        image = io.BytesIO(png_bytes())
+        image.name = "in.png"
+        return api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
+
+    assert [post().status_code for _ in range(2)] == [202, 202]
+    refused = post()
+    assert refused.status_code == 429
+    assert refused.json()["detail"].startswith("You have 2 jobs waiting, the limit is 2 (max_waiting)")
+    assert VideoJob.objects.count() == 2
+    UserQuota.objects.create(user=user, max_waiting=3)
+    assert post().status_code == 202
+
+
+@pytest.mark.parametrize("deadline, detail", [
+    ("soon", "deadline"),
+    ("-5", "must be in the future"),
+    ("2001-01-01T00:00:00Z", "must be in the future"),
+    ("999999999", "within 7 days"),
+])
+def test_bad_deadline_is_a_422_naming_the_field(api, requeued, deadline, detail):  # noqa: F811
+    resp = api.post("/api/generate-video", {"prompt": "p", "workflow": "smoke", "image_url": "http://127.0.0.1:9/x.png",
+                                            "deadline": deadline})
+    assert resp.status_code == 422 and "deadline" in resp.json()["detail"] and detail in resp.json()["detail"]
+
+
+def test_deadline_in_seconds_becomes_a_time_on_the_job(one_gpu, user):
+    from generation.inputs import GenerateParams
+
+    params = GenerateParams.model_validate({"prompt": "p", "deadline": "600"})
+    assert abs((params.deadline - timezone.now()).total_seconds() - 600) < 5
+
+
+def test_a_job_on_a_server_switched_off_goes_back_to_the_queue_and_runs_elsewhere(one_gpu, user):
+    with ComfyUIDouble() as second:
+        server = ComfyUIServer.objects.create(name="home", url=second.url)
+        GpuConfig.objects.filter(pk=1).update(slots_per_gpu=1)
+        first, job = make_job(user), make_job(user)
+        assert _state([first, job]) == ["config", f"server:{server.pk}"]
+        ComfyUIServer.objects.filter(pk=server.pk).update(enabled=False)
+        run_to_end(first)  # frees the configured URL; the pass finds the job's server gone
+        job.refresh_from_db()
+        assert job.place == "config" and "the GPU it was placed on is gone" not in job.note
+        assert run_to_end(job).status == S.COMPLETED
+        assert len(second.prompt_posts) == 0 and one_gpu.prompt_posts[job.prompt_id] == 1
+
+
+def test_finished_runs_teach_the_expected_run_time(one_gpu, user):
+    job = run_to_end(make_job(user))
+    stat = RunStat.objects.get()
+    assert (stat.workflow_slug, stat.width, stat.gpu_class, stat.runs) == ("smoke", job.width, f"url:{one_gpu.url}", 1)
+    # ComfyUI's own execution time (history timestamps), not the time the job waited in its queue.
+    assert 0 < stat.mean_seconds <= (job.uploading_at - job.submitted_at).total_seconds()
+    run_to_end(make_job(user))
+    assert RunStat.objects.get().runs == 2
+
+
+def test_parallel_passes_never_bind_one_slot_twice(one_gpu, user):
+    GpuConfig.objects.filter(pk=1).update(slots_per_gpu=3)
+    jobs = [make_job(user, place=False) for _ in range(12)]
+    UserQuota.objects.create(user=user, max_running=20)
+    errors = []
+
+    def passes():
+        try:
+            for _ in range(5):
+                scheduler.run_pass()
+        except Exception as exc:  # reported below: a failing pass must fail the test
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=passes) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert VideoJob.objects.filter(place="config").count() == 3 and _state(jobs).count("config") == 3
+
+
+def test_no_gpu_configured_fails_waiting_jobs_with_what_to_set(requeued, user):  # noqa: F811
+    job = make_job(user)
+    assert job.status == S.FAILED and "No GPU is configured" in job.error
+
+
+def test_cancelled_waiting_job_is_never_placed(one_gpu, user, api):
+    GpuConfig.objects.filter(pk=1).update(slots_per_gpu=1)
+    first, waiting = make_job(user), make_job(user)
+    assert waiting.place == ""
+    assert api.post(f"/api/jobs/{waiting.id}/cancel").json()["status"] == "cancelled"
+    run_to_end(first)
+    waiting.refresh_from_db()
+    assert waiting.status == S.CANCELLED and waiting.place == "" and one_gpu.prompt_posts.total() == 1
+
+
+def test_job_page_shows_queue_position_and_expected_start(one_gpu, user, client):
+    client.force_login(user)
+    GpuConfig.objects.filter(pk=1).update(slots_per_gpu=1)
+    make_job(user), make_job(user)
+    waiting = make_job(user)
+    html = client.get(f"/jobs/{waiting.id}/").content.decode()
+    assert "Waiting in the queue: 1 job ahead of it, expected to start in about" in html
+
+
+def test_admin_sets_per_user_limits(staff, client):
+    client.force_login(staff)
+    other = get_user_model().objects.create_user("dave", password="x")
+    resp = client.post("/admin/generation/userquota/add/", {"user": other.pk, "weight": 3, "max_waiting": 5,
+                                                             "max_running": 2, "fal_daily_usd": "1.50"})
+    assert resp.status_code == 302, resp.content.decode()[:2000]
+    quota = UserQuota.objects.get(user=other)
+    assert (quota.weight, quota.waiting_limit, quota.running_limit, quota.fal_limit) == (3, 5, 2, Decimal("1.50"))
+    page = client.get("/admin/generation/userquota/").content.decode()
+    assert "dave" in page
+
+
+def test_watchdog_runs_a_pass(one_gpu, user):
+    job = make_job(user, place=False)
+    tasks.watchdog()
+    job.refresh_from_db()
+    assert job.place == "config"
+
+
+def test_unknown_place_key_resolves_to_nothing(db):
+    from gpu import capacity
+
+    assert capacity.resolve(f"vast:{uuid.uuid4()}") is None and capacity.resolve("server:x") is None
+    assert capacity.resolve("nonsense") is None
+
+
+def test_expected_start_follows_learned_run_times(one_gpu, user):
+    GpuConfig.objects.filter(pk=1).update(slots_per_gpu=1)
+    probe = make_job(user, place=False)
+    RunStat.objects.create(workflow_slug="smoke", width=probe.width, height=probe.height, frames=probe.frames,
+                           gpu_class=f"url:{one_gpu.url}", runs=3, mean_seconds=100)
+    probe.delete()
+    make_job(user)
+    second, third = make_job(user), make_job(user)
+    now = timezone.now()
+    s2, s3 = job_json(second)["expected_start_at"], job_json(third)["expected_start_at"]
+    assert timedelta(seconds=90) < s2 - now < timedelta(seconds=110)
+    assert timedelta(seconds=190) < s3 - now < timedelta(seconds=210)
