@@ -8,8 +8,8 @@ follows the operator's policy (``GpuConfig.placement_policy``):
 
 - ``gpu_only``: the GPU that finishes it soonest (the cheaper one on a tie); fal.ai only for
   jobs that ask for it (``backend: fal``);
-- ``cheapest``: the cheapest place that finishes the job before its deadline (every place
-  when it has none); the earliest finish when no place can meet it;
+- ``cheapest``: a GPU when one can finish the job before its deadline (GPUs are paid for by
+  the hour whether they work or not), else fal.ai when it can, else the earliest finish;
 - ``fastest``: the earliest finish, whatever it costs.
 
 Finish times come from a simulation of every GPU's queue with run times learned from past
@@ -182,14 +182,7 @@ def plan(inp: Inputs) -> Plan:
         if not candidates:
             out.unplaceable.append(job)
             continue
-        if inp.policy == GpuConfig.Policy.FASTEST:
-            best = min(candidates, key=lambda c: (c[0], c[1]))
-        else:
-            meeting = [c for c in candidates if job.deadline is None or c[0] <= job.deadline]
-            if meeting:
-                best = min(meeting, key=lambda c: (c[1], c[0]))
-            else:
-                best = min(candidates, key=lambda c: (c[0], c[1]))
+        best = _choose(inp.policy, candidates, job.deadline)
         finish, cost, place, start = best
         if n < inp.detail:
             out.order.append(job.id)
@@ -213,16 +206,38 @@ def plan(inp: Inputs) -> Plan:
     return out
 
 
+def _choose(policy: str, candidates: list, deadline: float | None):
+    """The candidate (finish, cost, place or None for fal, start) the policy picks.
+
+    GPUs that are rented or owned are paid for whether they work or not, so among them the
+    earliest finish wins; what a place costs decides between those GPUs and fal.ai, which is
+    paid per clip."""
+    fastest = min(candidates, key=lambda c: (c[0], c[1]))
+    if policy == GpuConfig.Policy.FASTEST:
+        return fastest
+    meeting = [c for c in candidates if deadline is None or c[0] <= deadline]
+    gpus = [c for c in meeting if c[2] is not None]
+    if gpus:
+        return min(gpus, key=lambda c: (c[0], c[1]))
+    if meeting:
+        return min(meeting, key=lambda c: (c[1], c[0]))
+    return fastest
+
+
 def _instances_wanted(inp: Inputs, late: list, unplaceable: list) -> int:
     """One new instance per boot time's worth of work that would otherwise wait longer than a
-    boot (or has no GPU at all), within the caps: an instance that would have less to do than
-    the time it takes to boot is not worth renting."""
-    needy = [job for job, _ in late] + [job for job in unplaceable if job.backend != FAL]
+    boot, within the caps (an instance with less to do than its boot is not worth renting);
+    at least one when jobs have no GPU at all."""
+    stranded = [job for job in unplaceable if job.backend != FAL]
+    needy = [job for job, _ in late] + stranded
     if not needy or inp.rental_room <= 0:
         return 0
     work = sum(inp.estimate(job.kind, "vast") for job in needy)
-    per_instance = max(inp.boot_seconds, max(inp.estimate(job.kind, "vast") for job in needy))
-    return max(1, min(inp.rental_room, -(-int(work) // max(1, int(per_instance)))))
+    per_instance = max(inp.boot_seconds, max(inp.estimate(job.kind, "vast") for job in needy), 1.0)
+    wanted = int(work / per_instance + 0.5)
+    if stranded:
+        wanted = max(1, wanted)  # no GPU at all: one, however little the work
+    return min(inp.rental_room, wanted)
 
 
 # ---------------------------------------------------------------------- reading the world
