@@ -8,8 +8,9 @@ follows the operator's policy (``GpuConfig.placement_policy``):
 
 - ``gpu_only``: the GPU that finishes it soonest (the cheaper one on a tie); fal.ai only for
   jobs that ask for it (``backend: fal``);
-- ``cheapest``: a GPU when one can finish the job before its deadline (GPUs are paid for by
-  the hour whether they work or not), else fal.ai when it can, else the earliest finish;
+- ``cheapest``: the cheapest GPU already paid for (owned or rented) that finishes the job
+  before its deadline, else the cheaper of fal.ai and a new rental that can, else the
+  earliest finish;
 - ``fastest``: the earliest finish, whatever it costs.
 
 Finish times come from a simulation of every GPU's queue with run times learned from past
@@ -34,7 +35,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count
 from django.utils import timezone
 import django_q.tasks as q_tasks
@@ -91,13 +92,13 @@ class SimPlace:
 @dataclass
 class Plan:
     binds: list = field(default_factory=list)  # (job_id, place key)
-    starts: dict = field(default_factory=dict)  # job_id -> expected start (epoch) of the first jobs in order
-    order: list = field(default_factory=list)  # job ids in fair order (the first few thousand)
-    late: list = field(default_factory=list)  # (job, start) of jobs a new instance would serve sooner
     unplaceable: list = field(default_factory=list)  # jobs no place can take (nothing configured)
-    rent: int = 0
-    idle_instances: list = field(default_factory=list)
     fal_blocked: list = field(default_factory=list)  # fal.ai jobs over their user's daily budget
+    late_work: float = 0.0  # seconds of work that would start later than a new instance could
+    late_run: float = 0.0  # the longest of those runs
+    miss_work: float = 0.0  # seconds of work that would miss a deadline a new instance could meet
+    miss_window: float | None = None  # the least time such a new instance has for it
+    rent: int = 0
 
 
 class Estimator:
@@ -152,89 +153,161 @@ class Inputs:
     boot_seconds: float
     rental_room: int
     slots_per_instance: int
-    detail: int = 2000  # jobs whose expected start is recorded
+    idle_seconds: float = 0.0  # how long an idle rental lives before it is destroyed
+    rent_dph: float | None = None  # what a new rental would cost per hour (None: renting is off)
+    # Past this many jobs in order, with no slot left to fill, the rest only count as waiting work.
+    detail: int = 500
+    waiting_total: int | None = None  # all waiting jobs, when jobs_by_user holds only the first few
 
 
 def plan(inp: Inputs) -> Plan:
-    """Where each waiting job goes, given the places and what they are planned to do. Pure."""
+    """Where each waiting job goes, given the places and what they are planned to do. Pure.
+
+    Each job in fair order is put where the policy says on a simulation of every GPU's queue;
+    it is bound when that place has a free slot now. Jobs that would start later than a new
+    vast.ai instance could start them add to the work that asks for renting one."""
     out = Plan()
     now = inp.now
     running = dict(inp.running)
-    fal_room = dict(inp.fal_room)
-    gpus = inp.places
+    fal_room = {u: float(v) for u, v in inp.fal_room.items()}
+    gpus = list(inp.places)
+    dph = {p.key: float(p.dph) for p in gpus}
+    rentals = 0  # new instances this plan rents for deadlines nothing else meets
+    runs = {}  # (kind, gpu class) -> expected seconds
+
+    def run_of(kind, gpu_class):
+        key = (kind, gpu_class)
+        if key not in runs:
+            runs[key] = inp.estimate(kind, gpu_class)
+        return runs[key]
+
+    fal_policy = inp.fal_enabled and inp.policy != GpuConfig.Policy.GPU_ONLY
+    left = inp.waiting_total if inp.waiting_total is not None else sum(len(j) for j in inp.jobs_by_user.values())
+    job = None
     for n, job in enumerate(fair_order(inp.jobs_by_user, inp.running, inp.weights)):
-        can_run = running.get(job.owner_id, 0) < inp.running_limit.get(job.owner_id, 1)
-        best = None  # (finish, cost, place or None for fal, start)
-        fal_ok = inp.fal_enabled and (job.backend == FAL or inp.policy != GpuConfig.Policy.GPU_ONLY)
-        if fal_ok and fal_room.get(job.owner_id, Decimal("0")) < job.fal_price:
+        if n >= inp.detail and not fal_policy and not any(p.free > 0 and p.ready_at is None for p in gpus):
+            # Nothing more can be bound now: what is left only says how much work waits.
+            _count_waiting_work(inp, out, job, left, run_of)
+            break
+        left -= 1
+        owner = job.owner_id
+        can_run = running.get(owner, 0) < inp.running_limit.get(owner, 1)
+        price = float(job.fal_price)
+        fal_ok = inp.fal_enabled and (job.backend == FAL or fal_policy)
+        if fal_ok and fal_room.get(owner, 0.0) < price:
             fal_ok = False
             if job.backend == FAL:
                 out.fal_blocked.append(job)
                 continue
+        # (finish, cost, place or None for fal.ai, start, whether it is new spending)
         candidates = []
         if fal_ok:
-            candidates.append((now + inp.estimate(job.kind, FAL), job.fal_price, None, now))
+            candidates.append((now + run_of(job.kind, FAL), price, None, now, True))
         if job.backend != FAL:
             for place in gpus:
                 start = max(now, place.busy_until, place.ready_at or now)
-                run = inp.estimate(job.kind, place.gpu_class)
-                candidates.append((start + run, place.dph * Decimal(run) / 3600, place, start))
+                run = run_of(job.kind, place.gpu_class)
+                candidates.append((start + run, dph[place.key] * run / 3600, place, start, False))
+            if (job.deadline is not None and inp.rent_dph is not None and rentals < inp.rental_room
+                    and not any(c[0] <= job.deadline for c in candidates if c[2] is not None)):
+                # A new rental for a deadline nothing else meets: it bills its boot, the run and its idle tail.
+                run = run_of(job.kind, "vast")
+                start = now + inp.boot_seconds
+                cost = inp.rent_dph * (inp.boot_seconds + run + inp.idle_seconds) / 3600
+                candidates.append((start + run, cost, NEW_RENTAL, start, True))
         if not candidates:
             out.unplaceable.append(job)
             continue
-        best = _choose(inp.policy, candidates, job.deadline)
-        finish, cost, place, start = best
-        if n < inp.detail:
-            out.order.append(job.id)
-            out.starts[job.id] = start
+        finish, _, place, start, _ = _choose(inp.policy, candidates, job.deadline)
+        if place is NEW_RENTAL:
+            rentals += 1
+            place = SimPlace(f"rental:{rentals}", "vast", Decimal(str(inp.rent_dph)), 0, now, ready_at=start)
+            dph[place.key] = inp.rent_dph
+            gpus.append(place)
         if place is None:
             if can_run:
                 out.binds.append((job.id, FAL))
-                running[job.owner_id] = running.get(job.owner_id, 0) + 1
-                fal_room[job.owner_id] = fal_room.get(job.owner_id, Decimal("0")) - job.fal_price
+                running[owner] = running.get(owner, 0) + 1
+                fal_room[owner] = fal_room.get(owner, 0.0) - price
             continue
         place.busy_until = finish
         place.planned += 1
         if can_run and place.free > 0 and place.ready_at is None:
             out.binds.append((job.id, place.key))
             place.free -= 1
-            running[job.owner_id] = running.get(job.owner_id, 0) + 1
-        elif start - now > inp.boot_seconds or (job.deadline is not None and finish > job.deadline
-                                                 and now + inp.boot_seconds + inp.estimate(job.kind, "vast") <= job.deadline):
-            out.late.append((job, start))
-    out.rent = _instances_wanted(inp, out.late, out.unplaceable)
+            running[owner] = running.get(owner, 0) + 1
+        else:
+            run = run_of(job.kind, "vast")
+            if job.deadline is not None and finish > job.deadline and now + inp.boot_seconds + run <= job.deadline:
+                window = job.deadline - now - inp.boot_seconds
+                out.miss_work += run
+                out.miss_window = window if out.miss_window is None else min(out.miss_window, window)
+
+    else:
+        if left > 0 and job is not None:  # jobs not read at all (only each user's first few were)
+            _count_waiting_work(inp, out, job, left, run_of)
+    # What the GPUs would still be doing once a new instance could be ready.
+    ready_by = now + inp.boot_seconds
+    out.late_work += sum(max(0.0, p.busy_until - max(ready_by, p.ready_at or 0.0)) for p in gpus)
+    have = len(gpus)
+    out.rent = min(inp.rental_room, rentals + _instances_wanted(inp, out, have))
     return out
 
 
-def _choose(policy: str, candidates: list, deadline: float | None):
-    """The candidate (finish, cost, place or None for fal, start) the policy picks.
+def _count_waiting_work(inp: Inputs, out: Plan, first, left: int, run_of) -> None:
+    """The work of the `left` jobs not placed one by one (from `first` on): they come after
+    everything planned, so all of it waits past a boot."""
+    out.late_work += left * run_of(first.kind, "vast")
+    out.late_run = max(out.late_run, run_of(first.kind, "vast"))
 
-    GPUs that are rented or owned are paid for whether they work or not, so among them the
-    earliest finish wins; what a place costs decides between those GPUs and fal.ai, which is
-    paid per clip."""
+
+NEW_RENTAL = object()  # the candidate "a vast.ai instance rented now"
+
+
+def _choose(policy: str, candidates: list, deadline: float | None):
+    """The candidate (finish, cost, place, start, new spending) the policy picks.
+
+    GPUs that are rented or owned come first when one meets the deadline: under `gpu_only` the
+    earliest finish among them, under `cheapest` the cheapest (the dearer ones then idle and are
+    destroyed sooner). New spending (fal.ai per clip, or a new rental) is weighed by its cost
+    only when none of them meets the deadline."""
     fastest = min(candidates, key=lambda c: (c[0], c[1]))
     if policy == GpuConfig.Policy.FASTEST:
         return fastest
     meeting = [c for c in candidates if deadline is None or c[0] <= deadline]
-    gpus = [c for c in meeting if c[2] is not None]
-    if gpus:
-        return min(gpus, key=lambda c: (c[0], c[1]))
+    paid = [c for c in meeting if not c[4]]
+    if paid:
+        if policy == GpuConfig.Policy.CHEAPEST:
+            return min(paid, key=lambda c: (c[1], c[0]))
+        return min(paid, key=lambda c: (c[0], c[1]))
     if meeting:
         return min(meeting, key=lambda c: (c[1], c[0]))
     return fastest
 
 
-def _instances_wanted(inp: Inputs, late: list, unplaceable: list) -> int:
-    """One new instance per boot time's worth of work that would otherwise wait longer than a
-    boot, within the caps (an instance with less to do than its boot is not worth renting);
+# A rental is worth its boot and its idle tail (idle_minutes before it is destroyed) when it
+# works at least this many times as long: they are then at most a seventh of what it bills.
+# The `fastest` policy rents as soon as a rental would at least pay for its boot and tail.
+AMORTIZE = 6
+
+
+def _instances_wanted(inp: Inputs, out: Plan, have: int) -> int:
+    """How many instances to rent now, within the caps.
+
+    `late_work` is what the GPUs (ready and booting) would still have to do once a new instance
+    could be ready; spread over them and the new ones, each new one must get AMORTIZE × (boot +
+    idle tail) of it. Beyond that: enough that jobs which would miss their deadline meet it, and
     at least one when jobs have no GPU at all."""
-    stranded = [job for job in unplaceable if job.backend != FAL]
-    needy = [job for job, _ in late] + stranded
-    if not needy or inp.rental_room <= 0:
+    if inp.rental_room <= 0:
         return 0
-    work = sum(inp.estimate(job.kind, "vast") for job in needy)
-    per_instance = max(inp.boot_seconds, max(inp.estimate(job.kind, "vast") for job in needy), 1.0)
-    wanted = int(work / per_instance + 0.5)
+    stranded = [job for job in out.unplaceable if job.backend != FAL]
+    work = out.late_work + sum(inp.estimate(job.kind, "vast") for job in stranded)
+    factor = 1 if inp.policy == GpuConfig.Policy.FASTEST else AMORTIZE
+    per_instance = max(factor * (inp.boot_seconds + inp.idle_seconds), out.late_run, 1.0)
+    wanted = max(0, int(work / per_instance) - have)
+    if out.miss_work:
+        window = max(out.miss_window or 0.0, out.late_run, 1.0)
+        wanted = max(wanted, -(-int(out.miss_work) // int(window)))
     if stranded:
         wanted = max(1, wanted)  # no GPU at all: one, however little the work
     return min(inp.rental_room, wanted)
@@ -266,6 +339,15 @@ def _sim_places(config, gpu_places, bound, estimate, now) -> list[SimPlace]:
         sims.append(SimPlace(place.key, place.gpu_class, place.dph, max(0, place.slots - len(jobs)), busy,
                              ready_at=ready_at, instance_id=place.instance_id))
     return sims
+
+
+def _rent_dph(config) -> float | None:
+    """What a new vast.ai rental is expected to cost per hour: the last one's price, else the
+    policy's cap. None when renting is off."""
+    if capacity.rental_room(config) <= 0:
+        return None
+    last = VastInstance.objects.exclude(dph_total=0).order_by("-created_at").values_list("dph_total", flat=True).first()
+    return float(last or config.max_dph)
 
 
 def _fal_price(kind) -> Decimal:
@@ -332,19 +414,26 @@ def run_pass(now: datetime | None = None) -> PassResult:
             bound[place].append(((slug, w, h, f), _epoch(started_at)))
             running[owner] += 1
 
-        rows = list(
-            VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False).order_by("created_at")
-            .values_list("id", "owner_id", "created_at", "backend", "deadline_at", "workflow_slug", "width", "height",
-                         "frames", "unreachable_since")
-        )
-        result.waiting = len(rows)
-        jobs_by_user = defaultdict(list)
-        for jid, owner, created, backend, deadline, slug, w, h, f, _ in rows:
-            jobs_by_user[owner].append(WaitingJob(jid, owner, created.timestamp(), backend, _epoch(deadline), (slug, w, h, f)))
-        owners = set(jobs_by_user) | set(running)
+        counts = dict(VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False)
+                      .values("owner_id").annotate(n=Count("id")).values_list("owner_id", "n"))
+        result.waiting = sum(counts.values())
+        owners = set(counts) | set(running)
         quotas = {q.user_id: q for q in UserQuota.objects.filter(user_id__in=owners)}
         default = UserQuota()
+        weights = {u: quotas.get(u, default).weight for u in owners}
         fal_enabled = bool(settings.FAL_KEY)
+        if fal_enabled and config.placement_policy != GpuConfig.Policy.GPU_ONLY:
+            rows = _waiting_rows()  # any job may go to fal.ai now: every one is looked at
+        else:
+            # Only the first jobs in fair order can be placed now: read just enough of each user's.
+            rows = _waiting_rows(per_user=_needed_per_user(counts, running, weights, Inputs.detail + 1))
+        deadlines = {_hex(jid): _epoch(at) for jid, at in VideoJob.objects.filter(
+            place="", status__in=WAITING, cancel_requested=False, deadline_at__isnull=False).values_list("id", "deadline_at")}
+        jobs_by_user = defaultdict(list)
+        for n, (jid, owner, backend, slug, w, h, f) in enumerate(rows):
+            jid = _hex(jid)
+            # `n` stands for the time it was created (the rows come oldest first): the tie-break.
+            jobs_by_user[owner].append(WaitingJob(jid, owner, n, backend, deadlines.get(jid), (slug, w, h, f)))
         fal_room = {}
         if fal_enabled and rows:
             spent = _fal_spent_today(list(jobs_by_user), now)
@@ -361,16 +450,17 @@ def run_pass(now: datetime | None = None) -> PassResult:
         boot = capacity.expected_boot_seconds(config) if config.gpu_provider == GpuConfig.Provider.VASTAI else 0.0
         inp = Inputs(
             now=now_s, policy=config.placement_policy, places=sims, jobs_by_user=jobs_by_user, running=running,
-            weights={u: quotas.get(u, default).weight for u in owners},
+            weights=weights, waiting_total=result.waiting,
             running_limit={u: quotas.get(u, default).running_limit for u in owners},
             fal_enabled=fal_enabled, fal_room=fal_room, estimate=estimate, boot_seconds=boot,
             rental_room=capacity.rental_room(config), slots_per_instance=config.slots_per_gpu,
+            idle_seconds=config.idle_minutes * 60.0, rent_dph=_rent_dph(config),
         )
         free_at = sorted(max(s.busy_until, s.ready_at or 0.0) for s in sims)
         the_plan = plan(inp)
 
         _bind(the_plan.binds, gpu_places, result, now)
-        _fail_or_note_waiting(rows, the_plan, gpu_places, config, result, now)
+        _fail_or_note_waiting(the_plan, gpu_places, config, result, now)
         result.rent = the_plan.rent
         result.destroy = _idle_instances(config, gpu_places, bound, sims, now)
         booting = any(p.ready_at is not None for p in gpu_places)
@@ -382,6 +472,56 @@ def run_pass(now: datetime | None = None) -> PassResult:
         state.summary = _summary(sims, free_at, estimate, rows, now_s)
         state.save(update_fields=["last_pass_at", "pass_ms", "summary"])
     return result
+
+
+_WAITING_SQL = {}
+
+
+def _waiting_rows(per_user: int | None = None) -> list[tuple]:
+    """(id, owner_id, backend, workflow_slug, width, height, frames) of the waiting jobs, oldest
+    first; with `per_user`, only each user's oldest that many. A prebuilt SELECT without the
+    ORM's per-value converters: a pass may read 10,000 rows, and converting their ids took longer
+    than the rest of the pass."""
+    vendor = connection.vendor
+    if vendor not in _WAITING_SQL:
+        meta, quote = VideoJob._meta, connection.ops.quote_name
+        col = lambda name: quote(meta.get_field(name).column)  # noqa: E731
+        cols = ", ".join(col(f) for f in ("id", "owner", "backend", "workflow_slug", "width", "height", "frames"))
+        where = f"{col('place')} = '' AND {col('status')} IN (%s, %s) AND NOT {col('cancel_requested')}"
+        table = quote(meta.db_table)
+        _WAITING_SQL[vendor] = (
+            f"SELECT {cols} FROM {table} WHERE {where} ORDER BY {col('created_at')}",
+            f"SELECT {cols} FROM (SELECT {cols}, {col('created_at')}, ROW_NUMBER() OVER (PARTITION BY {col('owner')} "
+            f"ORDER BY {col('created_at')}) AS nth FROM {table} WHERE {where}) AS w WHERE nth <= %s "
+            f"ORDER BY {col('created_at')}",
+        )
+    every, first_few = _WAITING_SQL[vendor]
+    with connection.cursor() as cursor:
+        if per_user is None:
+            cursor.execute(every, list(WAITING))
+        else:
+            cursor.execute(first_few, [*WAITING, per_user])
+        return cursor.fetchall()
+
+
+def _needed_per_user(counts: dict, running: dict, weights: dict, picks: int) -> int:
+    """How many of each user's oldest waiting jobs the first `picks` of the fair order take, at most."""
+    taken = dict.fromkeys(counts, 0)
+    heap = [((running.get(u, 0) + 1) / max(1, weights.get(u, 1)), u) for u, n in counts.items() if n]
+    heapq.heapify(heap)
+    for _ in range(picks):
+        if not heap:
+            break
+        _, user = heapq.heappop(heap)
+        taken[user] += 1
+        if taken[user] < counts[user]:
+            heapq.heappush(heap, ((running.get(user, 0) + taken[user] + 1) / max(1, weights.get(user, 1)), user))
+    return max(taken.values(), default=0)
+
+
+def _hex(job_id) -> str:
+    """A job id as the 32 hex digits SQLite stores (PostgreSQL hands back UUIDs)."""
+    return job_id if isinstance(job_id, str) else job_id.hex
 
 
 def _bind(binds, gpu_places, result, now):
@@ -403,31 +543,30 @@ def _bind(binds, gpu_places, result, now):
         transaction.on_commit(lambda: [q_tasks.async_task("generation.tasks.run_job", i, group="jobs") for i in ids])
 
 
-def _fail_or_note_waiting(rows, the_plan, gpu_places, config, result, now):
+def _fail_or_note_waiting(the_plan, gpu_places, config, result, now):
     """Fail the waiting jobs nothing can ever take, and those whose only GPUs stayed unreachable
     past the grace; say on the others why they wait."""
-    unplaceable = {job.id for job in the_plan.unplaceable}
     bound = set(result.bound)
     ready = [p for p in gpu_places if not p.down and p.ready_at is None]
     booting = [p for p in gpu_places if p.ready_at is not None]
     down = [p for p in gpu_places if p.down]
     grace = timedelta(seconds=settings.I2V_COMFYUI_GRACE)
-    rentable = capacity.rental_room(config) > 0
-    for jid, _, created, backend, _, _, _, _, _, unreachable_since in rows:
-        if jid in bound:
-            continue
-        if jid in unplaceable and not booting and not down:
+    stranded = [job.id for job in the_plan.unplaceable]
+    if stranded and not booting and not down:
+        rentable = capacity.rental_room(config) > 0
+        for jid, created in VideoJob.objects.filter(pk__in=stranded).values_list("id", "created_at"):
             if not rentable:
                 _fail_waiting(jid, NO_GPU if config.gpu_provider != GpuConfig.Provider.VASTAI else
                               f"No vast.ai GPU can be rented: {capacity.rental_blocker(config)}", result)
             elif (died := boot_failures_exhausted(created)) is not None:
                 _fail_waiting(jid, f"No vast.ai GPU could be readied for this job in {MAX_BOOT_ATTEMPTS} attempts; "
                                    f"the last: {died.error}", result)
-        elif (unreachable_since is not None and not ready and not booting and down
-              and now - unreachable_since > grace):
-            place = down[0]
-            since = capacity.down_since(place.url)
-            error = _down_error(place.url)
+    if down and not ready and not booting:
+        place = down[0]
+        since = capacity.down_since(place.url)
+        error = _down_error(place.url)
+        for jid, unreachable_since in VideoJob.objects.filter(
+                place="", status__in=WAITING, unreachable_since__lt=now - grace).values_list("id", "unreachable_since"):
             _fail_waiting(jid, f"ComfyUI at {place.url} has been unreachable since "
                                f"{timezone.localtime(since or unreachable_since):%H:%M:%S} ({error}). {TROUBLESHOOTING}",
                           result)
@@ -510,7 +649,7 @@ def _idle_instances(config, gpu_places, bound, sims, now) -> list:
 def _summary(sims, free_at, estimate, rows, now_s) -> dict:
     """What the job read needs to estimate a start: when each GPU is next free (with what is
     bound to it now), and the length of a typical waiting run."""
-    kinds = {(row[5], row[6], row[7], row[8]) for row in rows[:500]}
+    kinds = {row[3:7] for row in rows[:500]}
     runs = [estimate(kind, s.gpu_class) for kind in kinds for s in sims]
     return {
         "at": now_s,

@@ -67,19 +67,20 @@ def test_a_booting_instance_counts_as_capacity_coming(policy, vast, comfy, user)
     assert scheduler.run_pass().rent == 0 and VastInstance.objects.count() == 1
 
 
-def test_scale_out_when_jobs_would_wait_longer_than_a_boot_several_at_once(policy, vast, comfy, user, other_user):
+def test_scale_out_when_the_queue_would_keep_new_instances_busy_several_at_once(policy, vast, comfy, user):
     policy.max_instances = 3  # the double has three offers that match the policy
+    policy.idle_minutes = 1
     policy.save()
     ready = boot_to_ready(rent(), vast, comfy)
     booted_in(ready, 60)
     learn("RTX 4090", 50)
     learn("vast", 50)
-    for _ in range(12):
+    for _ in range(60):
         waiting_job(user)
-    UserQuota.objects.create(user=user, max_running=20)
+    UserQuota.objects.create(user=user, max_running=100)
     result = scheduler.run_pass()
-    # Two fit on the ready instance; the other ten would wait up to 500 s, and each new instance
-    # serves about a boot's worth (60 s) of their 500 s of work: as many as the cap allows, at once.
+    # Two fit on the ready instance; the rest is 2,900 s of work past a boot, and a rental pays off
+    # with 6 × (60 s boot + 60 s idle tail) of it: four GPUs' worth, of which the cap allows two more.
     assert len(result.bound) == 2 and result.rent == 2
     scheduler.carry_out(result)
     assert result.rented == 2
@@ -88,6 +89,22 @@ def test_scale_out_when_jobs_would_wait_longer_than_a_boot_several_at_once(polic
     assert len(live_vast_ids(vast)) == 3
     # At the cap: nothing more, however long the queue.
     assert scheduler.run_pass().rent == 0
+
+
+def test_a_deadline_no_gpu_can_meet_rents_one_at_once(policy, vast, comfy, user):
+    policy.max_instances = 2
+    policy.save()
+    ready = boot_to_ready(rent(), vast, comfy)
+    booted_in(ready, 60)
+    learn("RTX 4090", 100)
+    learn("vast", 100)
+    for _ in range(4):
+        waiting_job(user)  # 400 s of work ahead on the one GPU
+    urgent = waiting_job(user, deadline_at=timezone.now() + timedelta(seconds=240))
+    result = scheduler.run_pass()
+    assert result.rent == 1  # a new GPU (60 s boot + 100 s) meets the 240 s deadline; the queue would not
+    urgent.refresh_from_db()
+    assert urgent.place == ""
 
 
 def test_no_scale_out_when_the_wait_is_shorter_than_a_boot(policy, vast, comfy, user):
