@@ -32,10 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("I2V_DATA_DIR", tempfile.mkdtemp(prefix="i2v-bench-sched-"))
 os.environ["DJANGO_SETTINGS_MODULE"] = "i2v.settings"
+os.environ["I2V_Q_NAME"] = f"bench-{os.getpid()}"  # this process enqueues, its qcluster child works
 
 import django  # noqa: E402
 
 django.setup()
+import logging  # noqa: E402
+
+logging.getLogger("django-q").setLevel(logging.WARNING)  # one line per enqueued task otherwise
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -117,7 +121,7 @@ class Cluster:
 
     def __init__(self, workers):
         env = dict(os.environ)
-        env.update({"I2V_WORKERS": str(workers), "I2V_FOLLOW_SLICE": "30", "I2V_Q_NAME": f"bench-{os.getpid()}"})
+        env.update({"I2V_WORKERS": str(workers), "I2V_FOLLOW_SLICE": "30"})
         self.proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env,
                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

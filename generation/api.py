@@ -189,9 +189,7 @@ def _job(request, job_id):
 @router.get("/jobs/{uuid:job_id}", response={200: JobOut, 404: Error}, summary="One job")
 def get_job(request, job_id: uuid.UUID):
     """What scripts poll: answered from the shared cache when it has the job (generation/jobcache.py)."""
-    from i2v.api import api
-
-    renderer = api.renderer
+    renderer = router.api.renderer  # the NinjaAPI this router is mounted on
     user = request.auth
     cached = jobcache.get(job_id)
     if cached is None:
