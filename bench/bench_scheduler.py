@@ -220,10 +220,15 @@ def bench_fair(backlog=100, each=5, gpus=2, run=1.0):
         fifo = (backlog + 2 * each) * run / gpus
         a_done = VideoJob.objects.filter(owner=a, status="completed").count()
         worst = max(finish.values())
+        # Jobs placed while B's or C's still waited: each user's count against an even third.
+        last_late_bind = max(r.bound_at for r in rows.values())
+        placed = VideoJob.objects.filter(bound_at__gt=first_post, bound_at__lte=last_late_bind)
+        share = {u.username: placed.filter(owner=u).count() for u in (a, b, c)}
         print(f"fair: A {backlog} jobs then B, C {each} each, {gpus} GPUs × {run:.0f} s jobs: B's last done after "
               f"{finish['bench1']:.1f} s, C's after {finish['bench2']:.1f} s; alone on a third of the pool {alone:.1f} s "
               f"→ ratio {worst / alone:.2f} (goal ≤ 1.5: {'met' if worst <= 1.5 * alone else 'NOT met'}); first come "
-              f"first served would be ~{fifo:.0f} s; A finished {a_done} meanwhile (wall {took:.1f} s)")
+              f"first served would be ~{fifo:.0f} s; A finished {a_done} meanwhile (wall {took:.1f} s); placed while B "
+              f"or C waited: A {share['bench0']}, B {share['bench1']}, C {share['bench2']}")
         return worst / alone
     finally:
         if cluster:

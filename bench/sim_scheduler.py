@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from generation.models import VideoJob
-from generation.scheduler import FAL, Estimator, Inputs, SimPlace, WaitingJob, plan
+from generation.scheduler import FAL, Clocks, Estimator, Inputs, SimPlace, WaitingJob, plan
 from gpu.models import GpuConfig
 
 KIND = ("wan22-i2v", 832, 480, 81)
@@ -62,6 +62,7 @@ class World:
         self.counter = itertools.count(len(self.gpus))
         self.fal_cost = 0.0
         self.done: list[Job] = []
+        self.clocks = Clocks()
 
     # -- the GPUs
     def _start_next(self, gpu):
@@ -102,7 +103,7 @@ class World:
                 WaitingJob(j.id, j.owner, j.arrival, VideoJob.Backend.COMFYUI, j.deadline, KIND,
                            fal_price=Decimal(str(self.fal_price or 0))))
         running = {}
-        inp = Inputs(now=self.now, policy=self.policy, places=sims, jobs_by_user=by_user, running=running, weights={},
+        inp = Inputs(now=self.now, policy=self.policy, places=sims, jobs_by_user=by_user, running=running, weights={}, clocks=self.clocks,
                      running_limit={u: 10**6 for u in by_user}, fal_enabled=self.fal_price is not None,
                      fal_room={u: Decimal(10**6) for u in by_user}, estimate=estimate, boot_seconds=self.boot,
                      rental_room=max(0, self.max_vast - sum(1 for g in live if g.vast)), slots_per_instance=2,

@@ -7,6 +7,7 @@ from typing import Optional
 
 from django.http import Http404, HttpResponse
 from ninja import Field, Query, Router, Schema
+from ninja.renderers import JSONRenderer
 from ninja.responses import Status
 from ninja.errors import HttpError
 from pydantic import ValidationError as PydanticValidationError
@@ -17,6 +18,7 @@ from generation.models import VideoJob
 from generation.views import _get_job_for_user
 
 router = Router(tags=["generation"])
+RENDERER = JSONRenderer()  # the NinjaAPI's own renderer (its default), for answers rendered once and cached
 
 MULTIPART_FIELDS = set(GenerateParams.model_fields)
 GENERATE_DOC = {
@@ -189,7 +191,7 @@ def _job(request, job_id):
 @router.get("/jobs/{uuid:job_id}", response={200: JobOut, 404: Error}, summary="One job")
 def get_job(request, job_id: uuid.UUID):
     """What scripts poll: answered from the shared cache when it has the job (generation/jobcache.py)."""
-    renderer = router.api.renderer  # the NinjaAPI this router is mounted on
+    renderer = RENDERER
     user = request.auth
     cached = jobcache.get(job_id)
     if cached is None:

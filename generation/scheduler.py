@@ -118,24 +118,47 @@ class Estimator:
         return self.stats.get((*kind, gpu_class)) or self.default
 
 
-def fair_order(jobs_by_user: dict, running: dict, weights: dict):
-    """Waiting jobs, round-robin across users weighted by `weights`, each user's jobs in order.
+def fair_order(jobs_by_user: dict, start: dict, weights: dict):
+    """Waiting jobs, round-robin across users weighted by `weights`, each user's jobs in order:
+    (job, its turn).
 
-    A user's i-th waiting job comes at virtual time (jobs they already run + i + 1) / weight, so
-    a user who holds GPUs now waits behind those who hold none, and weight 2 gets two turns to
+    Fair queuing by turns: a user's i-th waiting job comes at turn start[user] + i / weight,
+    where start is the user's own clock (it advances by 1 / weight with every job of theirs
+    placed, and never lags the clock of the last placement: waiting earns no credit). So the
+    placements go A, B, C, A, B, C… whoever's job freed the slot, and weight 2 gets two turns to
     weight 1's one."""
     heap = []
     for user, jobs in jobs_by_user.items():
         if jobs:
-            w = max(1, weights.get(user, 1))
-            heapq.heappush(heap, ((running.get(user, 0) + 1) / w, jobs[0].created, user, 0))
+            heapq.heappush(heap, (start.get(user, 0.0), jobs[0].created, user, 0))
     while heap:
-        _, _, user, i = heapq.heappop(heap)
+        turn, _, user, i = heapq.heappop(heap)
         jobs = jobs_by_user[user]
-        yield jobs[i]
+        yield jobs[i], turn
         if i + 1 < len(jobs):
             w = max(1, weights.get(user, 1))
-            heapq.heappush(heap, ((running.get(user, 0) + i + 2) / w, jobs[i + 1].created, user, i + 1))
+            heapq.heappush(heap, (turn + 1 / w, jobs[i + 1].created, user, i + 1))
+
+
+class Clocks:
+    """Each user's fair-queuing clock and the clock of the last placement (kept in SchedulerState)."""
+
+    def __init__(self, data: dict | None = None):
+        data = data or {}
+        self.now = float(data.get("now", 0.0))
+        self.users = {int(u): float(t) for u, t in (data.get("users") or {}).items()}
+
+    def start(self, user) -> float:
+        """The turn of the user's next job: their clock, caught up with the last placement."""
+        return max(self.users.get(user, 0.0), self.now)
+
+    def placed(self, user, turn: float, weight: int) -> None:
+        self.now = max(self.now, turn)
+        self.users[user] = max(self.users.get(user, 0.0), turn) + 1 / max(1, weight)
+
+    def dump(self, active: set) -> dict:
+        # Users with nothing waiting or running fall back to the shared clock anyway: drop them.
+        return {"now": self.now, "users": {str(u): t for u, t in self.users.items() if u in active and t > self.now}}
 
 
 @dataclass
@@ -146,6 +169,7 @@ class Inputs:
     jobs_by_user: dict
     running: dict  # user -> jobs bound now
     weights: dict
+    clocks: Clocks
     running_limit: dict  # user -> max bound at once
     fal_enabled: bool
     fal_room: dict  # user -> $ left today on fal.ai
@@ -184,7 +208,8 @@ def plan(inp: Inputs) -> Plan:
     fal_policy = inp.fal_enabled and inp.policy != GpuConfig.Policy.GPU_ONLY
     left = inp.waiting_total if inp.waiting_total is not None else sum(len(j) for j in inp.jobs_by_user.values())
     job = None
-    for n, job in enumerate(fair_order(inp.jobs_by_user, inp.running, inp.weights)):
+    start = {u: inp.clocks.start(u) for u in inp.jobs_by_user}
+    for n, (job, turn) in enumerate(fair_order(inp.jobs_by_user, start, inp.weights)):
         if n >= inp.detail and not fal_policy and not any(p.free > 0 and p.ready_at is None for p in gpus):
             # Nothing more can be bound now: what is left only says how much work waits.
             _count_waiting_work(inp, out, job, left, run_of)
@@ -227,6 +252,7 @@ def plan(inp: Inputs) -> Plan:
         if place is None:
             if can_run:
                 out.binds.append((job.id, FAL))
+                inp.clocks.placed(owner, turn, inp.weights.get(owner, 1))
                 running[owner] = running.get(owner, 0) + 1
                 fal_room[owner] = fal_room.get(owner, 0.0) - price
             continue
@@ -234,6 +260,7 @@ def plan(inp: Inputs) -> Plan:
         place.planned += 1
         if can_run and place.free > 0 and place.ready_at is None:
             out.binds.append((job.id, place.key))
+            inp.clocks.placed(owner, turn, inp.weights.get(owner, 1))
             place.free -= 1
             running[owner] = running.get(owner, 0) + 1
         else:
@@ -399,6 +426,7 @@ def run_pass(now: datetime | None = None) -> PassResult:
     result = PassResult()
     with transaction.atomic():
         state = _lock()
+        clocks = Clocks(state.summary.get("clocks"))
         now = now or timezone.now()
         config = GpuConfig.get()
         gpu_places = capacity.places(config, now)
@@ -426,7 +454,7 @@ def run_pass(now: datetime | None = None) -> PassResult:
             rows = _waiting_rows()  # any job may go to fal.ai now: every one is looked at
         else:
             # Only the first jobs in fair order can be placed now: read just enough of each user's.
-            rows = _waiting_rows(per_user=_needed_per_user(counts, running, weights, Inputs.detail + 1))
+            rows = _waiting_rows(per_user=_needed_per_user(counts, clocks, weights, Inputs.detail + 1))
         deadlines = {_hex(jid): _epoch(at) for jid, at in VideoJob.objects.filter(
             place="", status__in=WAITING, cancel_requested=False, deadline_at__isnull=False).values_list("id", "deadline_at")}
         jobs_by_user = defaultdict(list)
@@ -450,7 +478,7 @@ def run_pass(now: datetime | None = None) -> PassResult:
         boot = capacity.expected_boot_seconds(config) if config.gpu_provider == GpuConfig.Provider.VASTAI else 0.0
         inp = Inputs(
             now=now_s, policy=config.placement_policy, places=sims, jobs_by_user=jobs_by_user, running=running,
-            weights=weights, waiting_total=result.waiting,
+            weights=weights, waiting_total=result.waiting, clocks=clocks,
             running_limit={u: quotas.get(u, default).running_limit for u in owners},
             fal_enabled=fal_enabled, fal_room=fal_room, estimate=estimate, boot_seconds=boot,
             rental_room=capacity.rental_room(config), slots_per_instance=config.slots_per_gpu,
@@ -469,7 +497,8 @@ def run_pass(now: datetime | None = None) -> PassResult:
         result.ms = (time.perf_counter() - started) * 1000
         state.last_pass_at = now
         state.pass_ms = result.ms
-        state.summary = _summary(sims, free_at, estimate, rows, now_s)
+        state.summary = {**_summary(sims, free_at, estimate, rows, now_s),
+                         "clocks": clocks.dump(set(counts) | set(running))}
         state.save(update_fields=["last_pass_at", "pass_ms", "summary"])
     return result
 
@@ -504,18 +533,18 @@ def _waiting_rows(per_user: int | None = None) -> list[tuple]:
         return cursor.fetchall()
 
 
-def _needed_per_user(counts: dict, running: dict, weights: dict, picks: int) -> int:
+def _needed_per_user(counts: dict, clocks: "Clocks", weights: dict, picks: int) -> int:
     """How many of each user's oldest waiting jobs the first `picks` of the fair order take, at most."""
     taken = dict.fromkeys(counts, 0)
-    heap = [((running.get(u, 0) + 1) / max(1, weights.get(u, 1)), u) for u, n in counts.items() if n]
+    heap = [(clocks.start(u), u) for u, n in counts.items() if n]
     heapq.heapify(heap)
     for _ in range(picks):
         if not heap:
             break
-        _, user = heapq.heappop(heap)
+        turn, user = heapq.heappop(heap)
         taken[user] += 1
         if taken[user] < counts[user]:
-            heapq.heappush(heap, ((running.get(user, 0) + taken[user] + 1) / max(1, weights.get(user, 1)), user))
+            heapq.heappush(heap, (turn + 1 / max(1, weights.get(user, 1)), user))
     return max(taken.values(), default=0)
 
 
@@ -810,22 +839,21 @@ def queue_estimate(job: VideoJob, now: datetime | None = None) -> tuple[int | No
     rows = (VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False)
             .values("owner_id").annotate(n=Count("id")))
     waiting = {r["owner_id"]: r["n"] for r in rows}
-    running = dict(VideoJob.objects.exclude(place="").filter(status__in=OCCUPYING)
-                   .values("owner_id").annotate(n=Count("id")).values_list("owner_id", "n"))
     weights = dict(UserQuota.objects.filter(user_id__in=list(waiting)).values_list("user_id", "weight"))
     mine_before = VideoJob.objects.filter(owner_id=job.owner_id, place="", status__in=WAITING, cancel_requested=False,
                                           created_at__lt=job.created_at).count()
-    w = max(1, weights.get(job.owner_id, 1))
-    key = (running.get(job.owner_id, 0) + mine_before + 1) / w
+    state = SchedulerState.objects.filter(pk=1).values_list("summary", flat=True).first() or {}
+    clocks = Clocks(state.get("clocks"))
+    turn = clocks.start(job.owner_id) + mine_before / max(1, weights.get(job.owner_id, 1))
     ahead = mine_before
     for user, n in waiting.items():
         if user == job.owner_id:
             continue
-        wu = max(1, weights.get(user, 1))
-        # Their i-th job (0-based) comes first when (r + i + 1) / wu <= key; ties are counted ahead.
-        count = int(key * wu - running.get(user, 0) + 1e-9)
-        ahead += max(0, min(n, count))
-    state = SchedulerState.objects.filter(pk=1).values_list("summary", flat=True).first() or {}
+        # Their i-th job comes first when start + i / weight <= this job's turn (ties counted ahead).
+        w = max(1, weights.get(user, 1))
+        before = turn - clocks.start(user)
+        if before >= 0:
+            ahead += min(n, int(before * w + 1e-9) + 1)
     free_at = list(state.get("free_at") or [])
     run = float(state.get("run_seconds") or GpuConfig.get().default_run_seconds)
     if not free_at:

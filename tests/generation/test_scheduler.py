@@ -13,7 +13,7 @@ from django.utils import timezone
 from generation import scheduler, tasks
 from generation.domain import job_json
 from generation.models import RunStat, UserQuota, VideoJob
-from generation.scheduler import Estimator, WaitingJob, fair_order
+from generation.scheduler import Clocks, Estimator, WaitingJob, fair_order
 from gpu.models import ComfyUIServer, GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.generation.test_runner import make_job, requeued, run_to_end  # noqa: F401 (fixture)
@@ -29,22 +29,35 @@ def _jobs(user, n, start=0.0):
 # ---------------------------------------------------------------------- the order (pure)
 
 
+def _order(by_user, start=None, weights=None):
+    return [job.id for job, _ in fair_order(by_user, start or {}, weights or {})]
+
+
 def test_fair_order_takes_turns_across_users_each_users_jobs_in_order():
     by_user = {"a": _jobs("a", 5), "b": _jobs("b", 2, start=10), "c": _jobs("c", 1, start=20)}
-    order = [job.id for job in fair_order(by_user, running={}, weights={})]
-    assert order == ["a1", "b1", "c1", "a2", "b2", "a3", "a4", "a5"]
+    assert _order(by_user) == ["a1", "b1", "c1", "a2", "b2", "a3", "a4", "a5"]
 
 
 def test_weight_two_gets_two_turns_to_one():
     by_user = {"a": _jobs("a", 6), "b": _jobs("b", 6, start=10)}
-    order = [job.id for job in fair_order(by_user, running={}, weights={"a": 2})]
-    assert [j[0] for j in order[:9]].count("a") == 6 and order[:3].count("b1") == 1
+    order = _order(by_user, weights={"a": 2})
+    assert order[:6] == ["a1", "b1", "a2", "a3", "b2", "a4"]
 
 
-def test_a_user_who_holds_gpus_waits_behind_one_who_holds_none():
+def test_a_user_whose_clock_ran_ahead_waits_for_the_others():
     by_user = {"a": _jobs("a", 3), "b": _jobs("b", 3, start=10)}
-    order = [job.id for job in fair_order(by_user, running={"a": 2}, weights={})]
-    assert order[:4] == ["b1", "b2", "a1", "b3"]
+    assert _order(by_user, start={"a": 2.0, "b": 0.0})[:4] == ["b1", "b2", "a1", "b3"]
+
+
+def test_placements_take_turns_whoever_freed_the_slot():
+    clocks = Clocks()
+    clocks.placed(1, clocks.start(1), 1)  # A placed twice in a row while alone...
+    clocks.placed(1, clocks.start(1), 1)
+    # ...B arrives: it starts at the shared clock, not at zero (waiting earns no credit), and goes first.
+    assert clocks.start(2) == 1.0 < clocks.start(1) == 2.0
+    order = [job.owner_id for job, _ in fair_order({1: _jobs(1, 3), 2: _jobs(2, 3, start=10)},
+                                                   {u: clocks.start(u) for u in (1, 2)}, {})]
+    assert order == [2, 1, 2, 1, 2, 1]
 
 
 def test_estimator_prefers_learned_run_times_and_falls_back_to_the_default():
