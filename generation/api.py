@@ -1,10 +1,12 @@
 """The generate and jobs routes."""
 
+import asyncio
 import json
 import uuid
 from datetime import datetime
 from typing import Optional
 
+from asgiref.sync import sync_to_async
 from django.http import Http404, HttpResponse
 from ninja import Field, Query, Router, Schema
 from ninja.renderers import JSONRenderer
@@ -12,7 +14,7 @@ from ninja.responses import Status
 from ninja.errors import HttpError
 from pydantic import ValidationError as PydanticValidationError
 
-from generation import domain, jobcache
+from generation import domain, jobcache, waiting
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
@@ -41,6 +43,8 @@ GENERATE_DOC = {
     "parameters": [
         {"in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 200},
          "description": "Repeat a request safely: the same key returns the same job."},
+        {"in": "header", "name": "Prefer", "required": False, "schema": {"type": "string", "pattern": "^wait(=[0-9]+)?$"},
+         "description": "`wait` or `wait=N` (N ≤ 60 s): answer with the finished job if it ends within N s, else 202."},
     ],
 }
 
@@ -147,17 +151,19 @@ class Error(Schema):
 
 @router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
-def generate_video(request):
+async def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
-    200 with the existing job when the `Idempotency-Key` was used before."""
-    return _generate(request, "comfyui")
+    200 with the existing job when the `Idempotency-Key` was used before. With `Prefer: wait`
+    (or `wait=N`, N ≤ 60 s) the answer waits for the job: 200 with the finished job, or 202 with
+    the job as it is when the wait ran out."""
+    return await _generate_waiting(request, "comfyui")
 
 
 @router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
-def vastai_generate_video(request):
-    """Uses the configured ComfyUI URL, else a ready vast.ai instance."""
-    return _generate(request, "comfyui")
+async def vastai_generate_video(request):
+    """Uses the configured ComfyUI URL, else a ready vast.ai instance. Honours `Prefer: wait`."""
+    return await _generate_waiting(request, "comfyui")
 
 
 class JobFilter(Schema):
@@ -188,11 +194,8 @@ def _job(request, job_id):
         raise HttpError(404, "No such job.")
 
 
-@router.get("/jobs/{uuid:job_id}", response={200: JobOut, 404: Error}, summary="One job")
-def get_job(request, job_id: uuid.UUID):
-    """What scripts poll: answered from the shared cache when it has the job (generation/jobcache.py)."""
-    renderer = RENDERER
-    user = request.auth
+def _answer(user, job_id):
+    """(owner id, the rendered JSON) of the job; from the shared cache when it has the job."""
     cached = jobcache.get(job_id)
     if cached is None:
         job = domain.read_job(user, job_id)
@@ -200,13 +203,81 @@ def get_job(request, job_id: uuid.UUID):
             raise HttpError(404, "No such job.")
         # Validated and rendered once; a cached answer is sent as these bytes.
         answer = JobOut.model_validate(domain.job_json(job)).model_dump()
-        body = renderer.render(request, answer, response_status=200)
-        cached = (job.owner_id, body)
+        cached = (job.owner_id, RENDERER.render(None, answer, response_status=200))
         jobcache.put(job_id, *cached)
     owner_id, body = cached
     if owner_id != user.pk and not user.is_staff:
         raise HttpError(404, "No such job.")
-    return HttpResponse(body, content_type=f"{renderer.media_type}; charset={renderer.charset}")
+    return body
+
+
+def _state(user, job_id):
+    """What a waiting script sees change: status, step, progress, note, queue position."""
+    job = domain.read_job(user, job_id)
+    if job is None:
+        return None
+    return (job.status, job.step, job.steps_total, round(job.progress, 4), job.note, job.queue_position)
+
+
+def _json(body: bytes, status=200) -> HttpResponse:
+    return HttpResponse(body, status=status, content_type=f"{RENDERER.media_type}; charset={RENDERER.charset}")
+
+
+@router.get("/jobs/{uuid:job_id}", response={200: JobOut, 404: Error}, summary="One job")
+async def get_job(request, job_id: uuid.UUID,
+                  wait: float = Query(0, ge=0, le=waiting.MAX_WAIT,
+                                      description="Seconds to wait for the job to change (status, step, progress) "
+                                                  "before answering; at most 60. 0 answers at once.")):
+    """What scripts poll, or wait on with `?wait=N`: answered as soon as the job changes, or after
+    N seconds with it as it is. A waiting request holds no thread (generation/waiting.py)."""
+    user = request.auth
+    if wait:
+        seen = await sync_to_async(_state)(user, job_id)
+        if seen is None:
+            raise HttpError(404, "No such job.")
+        if seen[0] not in VideoJob.TERMINAL:
+            await waiting.wait_for_change(job_id, lambda: _state(user, job_id), seen, wait)
+    return _json(await sync_to_async(_answer)(user, job_id))
+
+
+def _prefer_wait(header: str | None) -> float | None:
+    """Seconds from `Prefer: wait` (60) or `Prefer: wait=N` (Replicate's convention), else None."""
+    for part in (header or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        if not value:
+            return float(waiting.MAX_WAIT)
+        try:
+            seconds = float(value.strip().strip('"'))
+        except ValueError:
+            raise HttpError(422, "Prefer: wait=N needs N in seconds, 1 to 60 (or plain 'wait' for 60).")
+        if not 1 <= seconds <= waiting.MAX_WAIT:
+            raise HttpError(422, f"Prefer: wait={value.strip()}: N must be 1 to 60 seconds.")
+        return seconds
+    return None
+
+
+async def _generate_waiting(request, backend_default):
+    """_generate, then with `Prefer: wait` hold the answer until the job ends (200) or the wait
+    runs out (202 with the job as it is), without a thread."""
+    prefer = _prefer_wait(request.headers.get("Prefer"))
+    result = await sync_to_async(_generate)(request, backend_default)
+    code, job = result.status_code, result.value
+    if prefer is None:
+        return result
+    user = request.auth
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + prefer
+    state = (job["status"],)
+    while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
+        state = await waiting.wait_for_change(job["id"], lambda: _state(user, job["id"]), state,
+                                              deadline - loop.time())
+    body = await sync_to_async(_answer)(user, job["id"])
+    done = state is not None and state[0] in VideoJob.TERMINAL
+    response = _json(body, status=200 if done else code)
+    response["Preference-Applied"] = f"wait={int(prefer)}"
+    return response
 
 
 @router.post("/jobs/{uuid:job_id}/cancel", response={200: JobOut, 404: Error, 409: Error}, summary="Cancel a job")

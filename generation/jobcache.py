@@ -18,6 +18,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
+from generation import waiting
+
 log = logging.getLogger(__name__)
 PREFIX = "i2v:job:"
 
@@ -75,3 +77,4 @@ def shows(fields):
 def _forget_instance(sender, instance, update_fields=None, **kwargs):
     if update_fields is None or shows(update_fields):
         forget(instance.pk)
+        waiting.announce(instance.pk)

@@ -29,14 +29,16 @@ class Workflow(models.Model):
 
 class VideoJobQuerySet(models.QuerySet):
     def update(self, **kwargs):
-        """Every job write goes through here or save(): both drop the jobs' cached API answer."""
-        from generation import jobcache
+        """Every job write goes through here or save(): both drop the jobs' cached API answer and
+        wake the requests waiting for them (generation.waiting)."""
+        from generation import jobcache, waiting
 
-        if not jobcache.enabled() or not jobcache.shows(kwargs):
+        if not (jobcache.enabled() or waiting.announcing()) or not jobcache.shows(kwargs):
             return super().update(**kwargs)
         ids = list(self.values_list("pk", flat=True))
         count = super().update(**kwargs)
         jobcache.forget(*ids)
+        waiting.announce(*ids)
         return count
 
 

@@ -28,6 +28,7 @@ Renting and destroying (slow network calls) happen after the lock is released
 
 import heapq
 import logging
+import uuid
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -549,8 +550,8 @@ def _needed_per_user(counts: dict, clocks: "Clocks", weights: dict, picks: int) 
 
 
 def _hex(job_id) -> str:
-    """A job id as the 32 hex digits SQLite stores (PostgreSQL hands back UUIDs)."""
-    return job_id if isinstance(job_id, str) else job_id.hex
+    """A job id read without the ORM (SQLite: 32 hex digits; PostgreSQL: a UUID) as its usual text."""
+    return str(uuid.UUID(job_id)) if isinstance(job_id, str) else str(job_id)
 
 
 def _bind(binds, gpu_places, result, now):

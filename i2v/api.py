@@ -61,8 +61,11 @@ def on_not_found(request, exc):
 
 @api.get("/ping", auth=None, include_in_schema=False)
 def ping(request):
-    """Liveness probe (also the trivial endpoint of the load benchmark)."""
-    return {"ok": True}
+    """Liveness probe (also the trivial endpoint of the load benchmark), with how many requests
+    this process holds waiting for a job (?wait=N, Prefer: wait)."""
+    from generation.waiting import waiting_now
+
+    return {"ok": True, "waiting": waiting_now()}
 
 
 def _mount():

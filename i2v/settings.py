@@ -141,6 +141,8 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+    # The ORM broker, woken when a task is enqueued (LISTEN/NOTIFY, or a local socket on SQLite).
+    Q_CLUSTER["broker_class"] = "i2v.broker.WakingORM"
 
 # --- Storage: local files, or R2 through django-storages' S3 backend ------------
 MEDIA_ROOT = DATA_DIR / "media"

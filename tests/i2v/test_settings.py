@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from django.core.files.base import ContentFile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def test_defaults_are_sqlite_orm_broker_local_files(tmp_path):
     s = settings_in_fresh_process(tmp_path)
     assert s["engine"] == "django.db.backends.sqlite3"
     assert s["db_name"] == str(tmp_path / "db.sqlite3")
-    assert s["broker"] == "ORM"
+    assert s["broker"] == "WakingORM"  # django-q2's ORM broker, woken on enqueue (i2v/broker.py)
     assert s["storage"] == "django.core.files.storage.FileSystemStorage"
     assert s["debug"] is False
     assert s["hosts"] == ["localhost", "127.0.0.1"]
@@ -66,6 +67,39 @@ def test_redis_broker_round_trip():
     task = broker.dequeue()
     assert task[0][1] == b"payload-1" or task[0][1] == "payload-1"
     broker.connection.delete(broker.list_key)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_broker_wakes_its_waiting_pusher_on_enqueue(monkeypatch):
+    """The idle pusher of the embedded default is woken by an enqueue, not by its poll: with a
+    poll of 60 s, a task enqueued while it waits still comes out within seconds."""
+    import threading
+
+    from django.db import connection as db
+    from django_q.conf import Conf
+
+    from i2v.broker import WakingORM
+
+    monkeypatch.setattr(Conf, "POLL", 60)
+    broker = WakingORM(list_key="i2v-test-wake")
+    broker.purge_queue()
+    got = []
+
+    def pusher():
+        try:
+            got.append(broker.dequeue())
+        finally:
+            db.close()
+
+    waiter = threading.Thread(target=pusher, daemon=True)
+    waiter.start()
+    while waiter.is_alive() and broker._waiter is None:  # until it sleeps on its wake-up
+        threading.Event().wait(0.01)
+    WakingORM(list_key="i2v-test-wake").enqueue("payload-1")
+    waiter.join(timeout=20)
+    assert not waiter.is_alive(), "the pusher slept through the enqueue"
+    assert got[0] and got[0][0][1] == "payload-1"
+    broker.purge_queue()
 
 
 def r2_storage(tmp_path, monkeypatch, endpoint, **extra):

@@ -14,10 +14,11 @@ class Command(BaseCommand):
         host = os.environ.get("HOST", "127.0.0.1")
         port = os.environ.get("PORT", "8000")
         workers = os.environ.get("WEB_CONCURRENCY", "2")
-        threads = os.environ.get("WEB_THREADS", "4")
+        # ASGI (uvicorn) workers under gunicorn: requests that wait for a job (?wait=N, Prefer: wait)
+        # are coroutines that hold no thread; every other view runs in a thread of its own request.
         web = [
-            sys.executable, "-m", "gunicorn", "i2v.wsgi:application",
-            "--bind", f"{host}:{port}", "--workers", workers, "--threads", threads,
+            sys.executable, "-m", "gunicorn", "i2v.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+            "--bind", f"{host}:{port}", "--workers", workers,
             "--timeout", "120", "--graceful-timeout", "10", "--access-logfile", "-",
         ]
         worker = [sys.executable, "manage.py", "qcluster"]

@@ -1,0 +1,184 @@
+"""Scripts wait without polling: GET /api/jobs/{id}?wait=N and POST /api/generate-video with
+Prefer: wait, through the app and through a real ASGI server with 50 waiting clients."""
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.db import connection
+
+from generation import waiting
+from generation.models import VideoJob
+from tests.conftest import free_port
+from tests.generation.test_runner import configured, make_job, requeued, run_to_end  # noqa: F401 (fixtures)
+from tests.generation.test_scheduler import comfy  # noqa: F401 (fixture)
+from tests.helpers import png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.django_db(transaction=True)
+S = VideoJob.Status
+
+
+def in_thread(fn):
+    out = {}
+
+    def run():
+        started = time.monotonic()
+        try:
+            out["value"] = fn()
+        except Exception as exc:  # shown by the test's assertion
+            out["value"] = exc
+        finally:
+            connection.close()
+        out["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_wait_answers_as_soon_as_the_job_changes(api, user, requeued):  # noqa: F811
+    job = make_job(user, place=False)
+    waiter, out = in_thread(lambda: api.get(f"/api/jobs/{job.id}?wait=30"))
+    while waiting.waiting_now() == 0 and waiter.is_alive():  # until the request waits
+        threading.Event().wait(0.01)
+    job.refresh_from_db()
+    job.transition(S.RUNNING, step=1, steps_total=4, progress=0.25)
+    waiter.join(timeout=30)
+    body = out["value"].json()
+    assert out["value"].status_code == 200 and body["status"] == "running" and body["step"] == 1
+    assert out["took"] < 20  # woken by the change, long before the 30 s wait ran out
+
+
+def test_wait_runs_out_with_the_job_as_it_is(api, user, requeued):  # noqa: F811
+    job = make_job(user, place=False)
+    resp = api.get(f"/api/jobs/{job.id}?wait=0.3")
+    assert resp.status_code == 200 and resp.json()["status"] == "queued"
+
+
+def test_wait_on_a_finished_job_answers_at_once(api, user, requeued):  # noqa: F811
+    job = make_job(user, place=False)
+    job.transition(S.CANCELLED, error="Cancelled by the user.")
+    waiter, out = in_thread(lambda: api.get(f"/api/jobs/{job.id}?wait=60"))
+    waiter.join(timeout=30)
+    assert out["value"].json()["status"] == "cancelled" and out["took"] < 20
+
+
+@pytest.mark.parametrize("wait", ["61", "-1", "soon"])
+def test_bad_wait_is_a_422_naming_it(api, user, requeued, wait):  # noqa: F811
+    job = make_job(user, place=False)
+    resp = api.get(f"/api/jobs/{job.id}?wait={wait}")
+    assert resp.status_code == 422 and resp.json()["detail"].startswith("wait")
+
+
+def test_wait_on_someone_elses_job_is_a_404(api, other_user, requeued):  # noqa: F811
+    job = make_job(other_user, place=False)
+    assert api.get(f"/api/jobs/{job.id}?wait=1").status_code == 404
+
+
+def _post(api, headers=None):
+    image = io.BytesIO(png_bytes())
+    image.name = "in.png"
+    return api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image},
+                    json=False, headers=headers)
+
+
+def test_prefer_wait_answers_with_the_finished_job(api, user, configured):  # noqa: F811
+    def drive():
+        # The worker's part, as a qcluster would do it once the job exists.
+        while not VideoJob.objects.exists():
+            threading.Event().wait(0.01)
+        job = VideoJob.objects.get()
+        from generation import scheduler
+
+        scheduler.run_pass()
+        run_to_end(job)
+
+    worker = threading.Thread(target=drive, daemon=True)
+    worker.start()
+    resp = _post(api, headers={"Prefer": "wait=30"})
+    worker.join(timeout=60)
+    body = resp.json()
+    assert resp.status_code == 200 and body["status"] == "completed" and body["video_url"]
+    assert resp["Preference-Applied"] == "wait=30"
+
+
+def test_prefer_wait_that_runs_out_answers_202_with_the_job(api, user, requeued):  # noqa: F811
+    resp = _post(api, headers={"Prefer": "wait=1"})
+    assert resp.status_code == 202 and resp.json()["status"] in ("queued", "failed")
+    assert resp["Preference-Applied"] == "wait=1"
+
+
+@pytest.mark.parametrize("prefer", ["wait=0", "wait=61", "wait=soon"])
+def test_bad_prefer_wait_is_a_422(api, user, requeued, prefer):  # noqa: F811
+    resp = _post(api, headers={"Prefer": prefer})
+    assert resp.status_code == 422 and "Prefer: wait" in resp.json()["detail"]
+    assert VideoJob.objects.count() == 0
+
+
+def test_other_preferences_are_ignored(api, user, requeued):  # noqa: F811
+    resp = _post(api, headers={"Prefer": "respond-async"})
+    assert resp.status_code == 202 and "Preference-Applied" not in resp
+
+
+# ---------------------------------------------------------------------- a real ASGI server
+
+
+@pytest.mark.slow_start
+def test_fifty_waiting_clients_hold_no_thread_and_leave_when_they_disconnect(tmp_path):
+    """One web process (gunicorn + a uvicorn worker, as `make run` starts it): 50 clients wait on a
+    job that does not change, the server goes on answering, and closing them frees their places."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
+    port = free_port()
+    env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": str(tmp_path), "I2V_Q_NAME": f"w-{port}"})
+    py = sys.executable
+    subprocess.run([py, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True)
+    token = subprocess.run([py, "manage.py", "bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True,
+                           text=True).stdout.split("API token:")[1].split()[0]
+    web = subprocess.Popen([py, "-m", "gunicorn", "i2v.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+                            "--bind", f"127.0.0.1:{port}", "--workers", "1"], cwd=ROOT, env=env,
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    try:
+        from tests.i2v.test_make_run import wait_until_serving
+
+        wait_until_serving(f"{base}/api/ping", web)
+        created = httpx.post(f"{base}/api/generate-video", headers=auth, timeout=30,
+                             files={"image": ("in.png", png_bytes(), "image/png")},
+                             data={"prompt": "waves", "workflow": "smoke"})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]  # no worker runs here: it stays queued
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=base, headers=auth, timeout=60) as client:
+                waiters = [asyncio.create_task(client.get(f"/api/jobs/{job_id}?wait=55")) for _ in range(50)]
+                while (await client.get("/api/ping")).json()["waiting"] < 50:
+                    await asyncio.sleep(0.05)
+                # All 50 wait in the one process; it still answers everyone else.
+                answered = [await client.get(f"/api/jobs/{job_id}") for _ in range(20)]
+                assert {r.status_code for r in answered} == {200}
+                for task in waiters:
+                    task.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+                for _ in range(200):
+                    if (await client.get("/api/ping")).json()["waiting"] == 0:
+                        return True
+                    await asyncio.sleep(0.05)
+            return False
+
+        assert asyncio.run(scenario()), "the disconnected clients still hold their places"
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        try:
+            web.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(web.pid, signal.SIGKILL)
