@@ -213,6 +213,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
 VASTAI_API_KEY = env("VASTAI_API_KEY")
 VASTAI_API_URL = env("VASTAI_API_URL", "https://console.vast.ai/api/v0").rstrip("/")
 VASTAI_RETRY_BACKOFF = env_float("VASTAI_RETRY_BACKOFF", 0.5)
+# vast.ai's per-endpoint minimum intervals between calls are multiplied by this (0: not spaced).
+VASTAI_PACE_SCALE = env_float("VASTAI_PACE_SCALE", 1.0)
 FAL_KEY = env("FAL_KEY")
 FAL_QUEUE_URL = env("FAL_QUEUE_URL", "https://queue.fal.run").rstrip("/")
 FAL_ENDPOINT = env("FAL_ENDPOINT", "fal-ai/wan/v2.2-a14b/image-to-video")

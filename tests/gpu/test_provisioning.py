@@ -282,7 +282,7 @@ def test_ports_come_from_the_list_when_the_by_id_answer_lacks_them(policy, vast,
 
     ready = boot_to_ready(instance, vast, comfy)
 
-    assert ready.comfyui_url == f"http://127.0.0.1:{comfy.port}" and vast.count("GET", "/instances/") >= 1
+    assert ready.comfyui_url == f"http://127.0.0.1:{comfy.port}" and vast.count("GET", "/api/v1/instances/") >= 1
 
 
 def test_instance_that_exits_is_destroyed_and_replaced_on_another_machine(policy, vast):

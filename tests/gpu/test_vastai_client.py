@@ -256,38 +256,38 @@ def test_destroy_instance_retries_after_rate_limit(client, vast):
 def test_retry_waits_at_least_retry_after(client, vast):
     waits = []
     client._sleep = waits.append
-    vast.rate_limit("/instances/", times=1, retry_after=3)
+    vast.rate_limit("/api/v1/instances/", times=1, retry_after=3)
 
     assert client.list_instances() == []
     assert waits == [3.0]
 
 
 def test_retry_after_longer_than_the_cap_is_raised_with_the_wait(vast):
-    vast.rate_limit("/instances/", times=1, retry_after=120)
+    vast.rate_limit("/api/v1/instances/", times=1, retry_after=120)
     with VastAIClient(vast.api_key, vast.url, backoff=0.01, max_retry_wait=30) as client:
         with pytest.raises(VastAIError) as info:
             client.list_instances()
 
     assert info.value.kind == "rate_limited" and info.value.retry_after == 120
     assert "120s" in str(info.value)
-    assert vast.count("GET", "/instances/") == 1
+    assert vast.count("GET", "/api/v1/instances/") == 1
 
 
 def test_list_instances_gives_up_after_bounded_retries(client, vast):
-    vast.rate_limit("/instances/", times=10)
+    vast.rate_limit("/api/v1/instances/", times=10)
 
     with pytest.raises(VastAIError) as info:
         client.list_instances()
 
     assert info.value.kind == "rate_limited"
-    assert vast.count("GET", "/instances/") == 4  # 1 + retries=3
+    assert vast.count("GET", "/api/v1/instances/") == 4  # 1 + retries=3
 
 
 def test_gateway_error_then_success_is_retried(client, vast):
-    vast.fail_http("/instances/", status=503, body="upstream unavailable")
+    vast.fail_http("/api/v1/instances/", status=503, body="upstream unavailable")
 
     assert client.list_instances() == []
-    assert vast.count("GET", "/instances/") == 2
+    assert vast.count("GET", "/api/v1/instances/") == 2
 
 
 def test_wrong_api_key_says_so_without_the_key(vast):
@@ -299,7 +299,7 @@ def test_wrong_api_key_says_so_without_the_key(vast):
     assert info.value.kind == "auth" and info.value.status == 401
     assert str(info.value) == AUTH_MESSAGE
     assert key not in str(info.value) and key not in repr(client)
-    assert vast.count("GET", "/instances/") == 1
+    assert vast.count("GET", "/api/v1/instances/") == 1
 
 
 def test_api_key_goes_in_the_bearer_header_only(client, vast):
@@ -329,7 +329,7 @@ def test_unreachable_api_is_reported_with_the_url(vast):
 
 
 def test_non_json_answer_is_a_bad_response(client, vast):
-    vast.fail_http("/instances/", status=200, body="<html>maintenance</html>", content_type="text/html")
+    vast.fail_http("/api/v1/instances/", status=200, body="<html>maintenance</html>", content_type="text/html")
 
     with pytest.raises(VastAIError) as info:
         client.list_instances()
@@ -338,7 +338,7 @@ def test_non_json_answer_is_a_bad_response(client, vast):
 
 
 def test_retry_log_lines_never_contain_the_key(client, vast, caplog):
-    vast.rate_limit("/instances/", times=1)
+    vast.rate_limit("/api/v1/instances/", times=1)
 
     with caplog.at_level(logging.WARNING, logger="gpu.vastai"):
         client.list_instances()
