@@ -1,6 +1,7 @@
 """The generate and jobs routes."""
 
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Optional
@@ -16,6 +17,8 @@ from generation import domain, jobcache
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
+
+log = logging.getLogger(__name__)
 
 router = Router(tags=["generation"])
 RENDERER = JSONRenderer()  # the NinjaAPI's own renderer (its default), for answers rendered once and cached
@@ -237,7 +240,12 @@ def fal_webhook(request, job_id: uuid.UUID, token: str = ""):
         raise HttpError(404, "No such fal.ai request for this job.")
     if job.is_terminal or job.status == VideoJob.Status.UPLOADING:
         return {"ok": True, "duplicate": True}
-    if body.get("status") == "OK":
+    if body.get("status") == "OK" and body.get("payload") is None:
+        # fal could not serialise the output into the webhook (payload_error): the request
+        # succeeded and was paid for, so the worker fetches the result from response_url.
+        log.warning("job %s: fal.ai's webhook carried no payload (%s); fetching the result", job.id,
+                    str(body.get("payload_error") or "no reason")[:200])
+    elif body.get("status") == "OK":
         try:
             fal_runner.take_result(job, body.get("payload"))
         except fal_runner.FalJobFailed as exc:

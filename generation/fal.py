@@ -251,14 +251,19 @@ class FalClient(ServiceClient):
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, endpoint, arguments, *, webhook_url=None) -> dict:
+    def submit(self, endpoint, arguments, *, webhook_url=None, start_timeout: int | None = None) -> dict:
         """Queue a request. Tried again only when fal says it did not queue it (408, 409, 429, as
         fal-client does) or the connection was never made: any other retry could pay twice.
 
+        `start_timeout`: seconds fal may keep the request queued before giving up on it (as
+        fal-client's start_timeout), so inputs given by a URL can be made to outlive it.
         Returns {"request_id", "status_url", "response_url", "cancel_url"}: store the
         URLs and use them as they are; they drop the endpoint's sub-path.
         """
         endpoint = endpoint.strip("/")
+        headers = {}
+        if start_timeout:
+            headers = {"X-Fal-Request-Timeout": str(int(start_timeout)), "X-Fal-Request-Timeout-Type": "user"}
         url = f"{self.base_url}/{endpoint}"
         where = f"/{endpoint}"
         params = {"fal_webhook": webhook_url} if webhook_url else None
@@ -278,7 +283,7 @@ class FalClient(ServiceClient):
             return error
 
         resp = self._call(
-            "POST", url, path=where, idempotent=False, json=arguments, params=params, check=check,
+            "POST", url, path=where, idempotent=False, json=arguments, params=params, check=check, headers=headers,
             unsure="it may or may not be queued (check fal.ai/dashboard/requests before submitting again)",
             attempts=self.SUBMIT_ATTEMPTS,
             retry_delay=lambda error, attempt: self._retry_delay(error, attempt, backoff=self.submit_backoff, max_backoff=30.0),
