@@ -50,6 +50,8 @@ Knobs (constructor keyword arguments and attributes; change them at any time):
   ``select_filters`` with ``eq`` on ``label`` or ``id``) holds.
 - ``v0_list_gone`` (default False): the deprecated v0 list answers 404; ``v1_list``
   (default True): False makes the v1 list answer 404, as an older vast.ai would.
+- ``lose_create_answers`` (default 0): the next N creates rent the machine, then answer
+  502 as a gateway that lost vast.ai's answer would.
 - ``fail_list_page(n, times=1, status=500)``: page ``n`` (1-based) of the v1 list fails.
 - ``heartbeat_gap(instance_id, seconds)``: the instance reports ``unknown`` for that many
   seconds of the double's clock, then what it reported before; ``advance_clock(seconds)``
@@ -299,6 +301,7 @@ class VastAIDouble(LoopServer):
         self.v0_list_gone = v0_list_gone
         self.v1_list = v1_list
         self._clock_offset = 0.0
+        self.lose_create_answers = 0
         self._failing_pages: dict[int, list] = {}
 
         # One lock for all state: handlers never await while holding it.
@@ -656,6 +659,9 @@ class VastAIDouble(LoopServer):
             if body.get("target_state") == "stopped":
                 inst.update(intended_status="stopped", cur_state="stopped", next_state="stopped")
                 self._set_status(inst, "stopped")
+            if self.lose_create_answers > 0:
+                self.lose_create_answers -= 1
+                return web.Response(status=502, text="502 Bad Gateway")
         return web.json_response({"success": True, "new_contract": iid, "instance_api_key": meta.api_key})
 
     def _validate_create(self, body) -> dict:

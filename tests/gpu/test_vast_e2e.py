@@ -167,3 +167,54 @@ def test_a_job_waiting_for_a_gpu_can_be_cancelled(vast_settings, vast, queued, u
 
     assert job.status == S.CANCELLED and job_tasks.run_job(str(job.id)) == "busy-or-finished"
     assert VastInstance.objects.get().state == I.CREATING  # it boots on; unused, the scheduler destroys it when idle
+
+
+def test_a_heartbeat_gap_while_running_a_job_keeps_the_instance_and_the_job_completes(
+        vast_settings, vast, comfy, queued, user):
+    import threading
+
+    from gpu import reconciler
+    from tests.gpu.vast_helpers import boot_to_ready, rent
+
+    sync_shipped_workflows(Workflow, ModelFile)
+    config = GpuConfig.get()
+    config.gpu_provider, config.default_workflow = "vastai", "smoke"
+    config.save()
+    instance = boot_to_ready(rent(), vast, comfy)
+    VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=5))
+    comfy.hold = threading.Event()  # the run goes on until the test lets it finish
+    job = smoke_job(user)
+    assert job_tasks.run_job(str(job.id)) == "continued"
+    job.refresh_from_db()
+    assert job.instance == instance and job.status in (S.SUBMITTED, S.RUNNING)
+
+    vast.heartbeat_gap(instance.vast_id, 60)  # vast.ai loses the machine's heartbeat for a minute
+    start = timezone.now()
+    assert gpu_tasks.reconcile() == "nothing to do"
+    vast.advance_clock(59)
+    assert reconciler.reconcile(now=start + timedelta(seconds=59))["retried"] == []
+    instance.refresh_from_db()
+    assert instance.state == I.RUNNING and instance.unknown_since is not None
+    vast.advance_clock(2)  # the heartbeat is back
+    assert reconciler.reconcile(now=start + timedelta(seconds=61))["retried"] == []
+    instance.refresh_from_db()
+    assert instance.state == I.RUNNING and instance.unknown_since is None
+
+    comfy.hold.set()
+    vast_settings.I2V_FOLLOW_SLICE = 2
+    for _ in range(30):
+        job_tasks.run_job(str(job.id))
+        job.refresh_from_db()
+        if job.is_terminal:
+            break
+    assert job.status == S.COMPLETED, job.error
+    assert default_storage.exists(job.video.name) and live_vast_ids(vast) == [instance.vast_id]
+
+    # A gap that outlasts the grace is a dead machine: destroyed, as before.
+    vast.heartbeat_gap(instance.vast_id, 3600)
+    later = timezone.now()
+    reconciler.reconcile(now=later)
+    report = reconciler.reconcile(now=later + timedelta(seconds=reconciler.UNKNOWN_GRACE))
+    instance.refresh_from_db()
+    assert report["retried"] == [instance.vast_id] and instance.state == I.FAILED
+    assert "went unknown while in use" in instance.error and live_vast_ids(vast) == []

@@ -29,7 +29,7 @@ def vast():
 
 @pytest.fixture
 def client(vast):
-    with VastAIClient(vast.api_key, vast.url, backoff=0.01, read_timeout=5) as c:
+    with VastAIClient(vast.api_key, vast.url, backoff=0.01, read_timeout=5, pace_scale=0.001) as c:
         yield c
 
 
@@ -490,3 +490,57 @@ def test_current_user_reports_credit(client):
 )
 def test_comfyui_url_of_only_when_running_with_a_mapped_port(instance, url):
     assert comfyui_url_of(instance) == url
+
+
+def test_a_429_without_retry_after_waits_the_endpoints_interval(vast):
+    client = VastAIClient(vast.api_key, vast.url, backoff=0.01)
+    waits = []
+    client._sleep = waits.append
+    iid = create(client)["id"]
+    vast.rate_limit("/instances/*", times=1, method="GET")
+    vast.rate_limit("/instances/*", times=1, method="DELETE", plain=True)
+
+    assert client.show_instance(iid)["id"] == iid
+    assert client.destroy_instance(iid) is True
+    assert waits == [2.0, 3.0]  # vast.ai's minimum intervals for show and destroy, not a blind 0.5 s
+
+
+def test_a_rate_limited_create_says_how_long_vast_asks_to_wait(vast):
+    client = VastAIClient(vast.api_key, vast.url)
+    vast.rate_limit("/asks/*", times=1)
+
+    with pytest.raises(VastAIError) as info:
+        create(client)
+
+    assert info.value.kind == "rate_limited" and info.value.retry_after == 12.0  # create's penalty
+    assert vast.count("PUT", "/asks/*") == 1 and vast.live_instances() == []
+
+
+def test_create_has_its_own_long_read_timeout(vast):
+    with VastAIClient(vast.api_key, vast.url, read_timeout=5) as client:
+        sent = []
+        real = client._http.request
+        client._http.request = lambda *a, **kw: sent.append(kw["timeout"]) or real(*a, **kw)
+        iid = create(client)["id"]
+        client.show_instance(iid)
+        client.destroy_instance(iid)
+
+    assert [t.read for t in sent] == [120.0, 5, 5]
+
+
+def test_the_direct_url_is_https_when_the_instance_serves_https(client, vast):
+    iid = create(client, env={**ENV, "ENABLE_HTTPS": "true"})["id"]
+    vast.advance(iid, "running")
+
+    info = client.show_instance(iid)
+
+    assert comfyui_url_of(info) == "https://127.0.0.1:18188" and portal_url_of(info) == "https://127.0.0.1:11111"
+    client.destroy_instance(iid)
+
+
+def test_an_instance_without_https_keeps_the_plain_direct_url(client, vast):
+    iid = create(client)["id"]
+    vast.advance(iid, "running")
+
+    assert comfyui_url_of(client.show_instance(iid)) == "http://127.0.0.1:18188"
+    client.destroy_instance(iid)
