@@ -57,9 +57,21 @@ def _pydantic_detail(exc: PydanticValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_BODY_BYTES = MAX_IMAGE_BYTES + 256 * 1024  # the image plus the form fields and multipart framing
+MAX_OFFSET = 1_000_000_000
+
+
 def _parse_generate(request, backend_default):
     content_type = request.content_type or ""
     image_bytes = None
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HttpError(400, "Content-Length is not a number.")
+    if length > MAX_BODY_BYTES:
+        # Refused before the body is read or spooled to disk.
+        raise HttpError(413, f"The request is {length / 1e6:.1f} MB; images may be at most 20 MB.")
     if content_type.startswith("multipart/form-data"):
         raw = {k: v for k, v in request.POST.items()}
         unknown = set(request.FILES) - {"image"}
@@ -67,7 +79,7 @@ def _parse_generate(request, backend_default):
             raise InputError(sorted(unknown)[0], "unknown file field; send the image as 'image'")
         upload = request.FILES.get("image")
         if upload is not None:
-            if upload.size > 20 * 1024 * 1024:
+            if upload.size > MAX_IMAGE_BYTES:
                 raise InputError("image", f"the file is {upload.size / 1e6:.1f} MB; the limit is 20 MB")
             image_bytes = upload.read()
         # Form values are strings; empty optional fields mean "not given".
@@ -90,7 +102,10 @@ def _parse_generate(request, backend_default):
 
 
 def _generate(request, backend_default):
-    params, image_bytes = _parse_generate(request, backend_default)
+    try:
+        params, image_bytes = _parse_generate(request, backend_default)
+    except InputError as exc:
+        raise HttpError(422, str(exc))
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and (len(key) > 200 or not key.isprintable()):
         raise HttpError(422, "Idempotency-Key: must be at most 200 printable characters.")
@@ -148,7 +163,7 @@ class Error(Schema):
     detail: str
 
 
-@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
@@ -156,7 +171,7 @@ def generate_video(request):
     return _generate(request, "comfyui")
 
 
-@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 def vastai_generate_video(request):
     """Uses the configured ComfyUI URL, else a ready vast.ai instance."""
@@ -173,8 +188,8 @@ class JobFilter(Schema):
 def list_jobs(request, filters: Query[JobFilter]):
     if not 1 <= filters.limit <= 100:
         raise HttpError(422, "limit: must be between 1 and 100")
-    if filters.offset < 0:
-        raise HttpError(422, "offset: must be 0 or more")
+    if not 0 <= filters.offset <= MAX_OFFSET:
+        raise HttpError(422, f"offset: must be between 0 and {MAX_OFFSET}")
     qs = VideoJob.objects.filter(owner=request.auth).only(*domain.JOB_JSON_FIELDS).order_by("-created_at")
     if filters.status:
         qs = qs.filter(status=filters.status)
