@@ -191,6 +191,7 @@ def test_a_heartbeat_gap_while_running_a_job_keeps_the_instance_and_the_job_comp
     VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=5))
     comfy.hold = threading.Event()  # the run goes on until the test lets it finish
     job = smoke_job(user)
+    assert job_tasks.schedule().startswith("bound 1")  # placed on the ready instance
     assert job_tasks.run_job(str(job.id)) == "continued"
     job.refresh_from_db()
     assert job.instance == instance and job.status in (S.SUBMITTED, S.RUNNING)
