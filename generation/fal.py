@@ -17,6 +17,7 @@ import logging
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import urlsplit
 
+from gpu import netguard
 from i2v.core.http import ACCEPT, ServiceClient, ServiceError, retry_after, snippet
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ def _body_detail(resp):
 class FalClient(ServiceClient):
     service = "fal.ai"
     error = FalError
+    guard = netguard
     hint = "; check the network or FAL_QUEUE_URL"
     # fal-client's own rules for a submit fal did not queue: 408, 409 and 429 mean "try again",
     # up to 10 times, from 0.1 s doubling to at most 30 s, with jitter.

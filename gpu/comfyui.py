@@ -201,6 +201,7 @@ class EventStream:
 class ComfyUIClient(ServiceClient):
     service = "ComfyUI"
     error = ComfyUIError
+    guard = netguard
 
     def __init__(self, base_url, *, token=None, connect_timeout=5.0, read_timeout=30.0, retries=2, http_client=None, backoff=0.5):
         parts = urlsplit(base_url.strip())

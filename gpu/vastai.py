@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gpu import netguard
 from i2v.core.http import ServiceClient, ServiceError, retry_after, snippet
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def portal_url_of(instance: dict) -> str | None:
 class VastAIClient(ServiceClient):
     service = "vast.ai"
     error = VastAIError
+    guard = netguard
     hint = " (check VASTAI_API_URL and the network)"
     max_backoff = 10.0
 

@@ -4,7 +4,8 @@ failures to the service's own error type, and failures part-way through a downlo
 
 Each client (gpu/comfyui.py, gpu/vastai.py, generation/fal.py) subclasses ServiceClient and
 keeps only what is its own: paths, bodies, how the service words its errors, and its
-rate-limit rules. Connections go through gpu.netguard's guarded httpx client.
+rate-limit rules. Connections go through the outbound-connection guard each client names in
+`guard` (gpu.netguard): i2v.core imports no app, so the guard is handed in, not imported.
 """
 
 import contextlib
@@ -18,8 +19,6 @@ import time
 from collections.abc import Iterator
 
 import httpx
-
-from gpu import netguard
 
 ACCEPT = object()  # from a check(): this non-2xx answer is a valid one
 
@@ -101,10 +100,14 @@ def retry_after(headers) -> float | None:
 
 
 class ServiceClient:
-    """One service's HTTP client: subclasses set `service`, `error` and `hint`, and may override
-    `_headers`, `_secrets`, `_status_error`, `_before_request` and `_retry_delay`."""
+    """One service's HTTP client: subclasses set `service`, `error`, `guard` and `hint`, and may
+    override `_headers`, `_secrets`, `_status_error`, `_before_request` and `_retry_delay`.
 
-    service = "the service"  # as messages name it: "vast.ai", "fal.ai", "ComfyUI"
+    `guard` is the outbound-connection guard: a module (gpu.netguard) with http_client(**kwargs),
+    blocked_reason(exc) and StreamErrors(stream, make_error)."""
+
+    service = "the service"
+    guard = None  # as messages name it: "vast.ai", "fal.ai", "ComfyUI"
     error: type[ServiceError] = ServiceError
     hint = ""  # appended to "cannot connect" messages, e.g. " (check VASTAI_API_URL)"
     max_backoff = 8.0
@@ -120,7 +123,7 @@ class ServiceClient:
         self._timeout = self.timeout(read_timeout)
         self._owns_http = http_client is None
         # Redirects are never followed by default: they would carry the credentials elsewhere.
-        self._http = http_client if http_client is not None else netguard.http_client(timeout=self._timeout, follow_redirects=False)
+        self._http = http_client if http_client is not None else self.guard.http_client(timeout=self._timeout, follow_redirects=False)
         self._sleep = time.sleep  # tests may replace it to observe waits
 
     def timeout(self, read: float) -> httpx.Timeout:
@@ -185,7 +188,7 @@ class ServiceClient:
     def _transport_error(self, exc: httpx.HTTPError, method: str, path: str, *, unsure: str | None = None) -> ServiceError:
         """A connection failure as the service's error. `unsure` (for calls that are not idempotent) is
         what to say when the request may have arrived: such a failure is never retryable."""
-        reason = netguard.blocked_reason(exc)
+        reason = self.guard.blocked_reason(exc)
         if reason is not None:
             return self._error(f"Cannot reach {self.service} at {self.where}: {reason}{self.hint}", kind="unreachable")
         if isinstance(exc, httpx.ConnectTimeout):
@@ -288,7 +291,7 @@ class ServiceClient:
             return self._error(f"Download from {where} was interrupted ({snippet(str(exc), 120) or type(exc).__name__})",
                                kind="unreachable", retryable=True)
 
-        resp.stream = netguard.StreamErrors(resp.stream, mid_download_error)
+        resp.stream = self.guard.StreamErrors(resp.stream, mid_download_error)
         try:
             yield resp
         finally:
