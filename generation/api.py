@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import uuid
 from datetime import datetime
 from typing import Optional
@@ -18,6 +19,8 @@ from generation import domain, jobcache, waiting
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
+
+log = logging.getLogger(__name__)
 
 router = Router(tags=["generation"])
 RENDERER = JSONRenderer()  # the NinjaAPI's own renderer (its default), for answers rendered once and cached
@@ -58,9 +61,21 @@ def _pydantic_detail(exc: PydanticValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_BODY_BYTES = MAX_IMAGE_BYTES + 256 * 1024  # the image plus the form fields and multipart framing
+MAX_OFFSET = 1_000_000_000
+
+
 def _parse_generate(request, backend_default):
     content_type = request.content_type or ""
     image_bytes = None
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HttpError(400, "Content-Length is not a number.")
+    if length > MAX_BODY_BYTES:
+        # Refused before the body is read or spooled to disk.
+        raise HttpError(413, f"The request is {length / 1e6:.1f} MB; images may be at most 20 MB.")
     if content_type.startswith("multipart/form-data"):
         raw = {k: v for k, v in request.POST.items()}
         unknown = set(request.FILES) - {"image"}
@@ -68,7 +83,7 @@ def _parse_generate(request, backend_default):
             raise InputError(sorted(unknown)[0], "unknown file field; send the image as 'image'")
         upload = request.FILES.get("image")
         if upload is not None:
-            if upload.size > 20 * 1024 * 1024:
+            if upload.size > MAX_IMAGE_BYTES:
                 raise InputError("image", f"the file is {upload.size / 1e6:.1f} MB; the limit is 20 MB")
             image_bytes = upload.read()
         # Form values are strings; empty optional fields mean "not given".
@@ -91,7 +106,10 @@ def _parse_generate(request, backend_default):
 
 
 def _generate(request, backend_default):
-    params, image_bytes = _parse_generate(request, backend_default)
+    try:
+        params, image_bytes = _parse_generate(request, backend_default)
+    except InputError as exc:
+        raise HttpError(422, str(exc))
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and (len(key) > 200 or not key.isprintable()):
         raise HttpError(422, "Idempotency-Key: must be at most 200 printable characters.")
@@ -149,7 +167,7 @@ class Error(Schema):
     detail: str
 
 
-@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 async def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
@@ -159,7 +177,7 @@ async def generate_video(request):
     return await _generate_waiting(request, "comfyui")
 
 
-@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 async def vastai_generate_video(request):
     """Uses the configured ComfyUI URL, else a ready vast.ai instance. Honours `Prefer: wait`."""
@@ -176,8 +194,8 @@ class JobFilter(Schema):
 def list_jobs(request, filters: Query[JobFilter]):
     if not 1 <= filters.limit <= 100:
         raise HttpError(422, "limit: must be between 1 and 100")
-    if filters.offset < 0:
-        raise HttpError(422, "offset: must be 0 or more")
+    if not 0 <= filters.offset <= MAX_OFFSET:
+        raise HttpError(422, f"offset: must be between 0 and {MAX_OFFSET}")
     qs = VideoJob.objects.filter(owner=request.auth).only(*domain.JOB_JSON_FIELDS).order_by("-created_at")
     if filters.status:
         qs = qs.filter(status=filters.status)
@@ -308,7 +326,12 @@ def fal_webhook(request, job_id: uuid.UUID, token: str = ""):
         raise HttpError(404, "No such fal.ai request for this job.")
     if job.is_terminal or job.status == VideoJob.Status.UPLOADING:
         return {"ok": True, "duplicate": True}
-    if body.get("status") == "OK":
+    if body.get("status") == "OK" and body.get("payload") is None:
+        # fal could not serialise the output into the webhook (payload_error): the request
+        # succeeded and was paid for, so the worker fetches the result from response_url.
+        log.warning("job %s: fal.ai's webhook carried no payload (%s); fetching the result", job.id,
+                    str(body.get("payload_error") or "no reason")[:200])
+    elif body.get("status") == "OK":
         try:
             fal_runner.take_result(job, body.get("payload"))
         except fal_runner.FalJobFailed as exc:

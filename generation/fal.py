@@ -14,13 +14,11 @@ serves outputs, and never into a message or a log line.
 import contextlib
 import json
 import logging
-import time
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import urlsplit
 
-import httpx
-
 from gpu import netguard
+from i2v.core.http import ACCEPT, ServiceClient, ServiceError, retry_after, snippet
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +42,20 @@ STATUSES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
 CANCEL_ANSWERS = ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND")
 # Hosts the key may be sent to besides base_url's: fal's queue domains and its fallback.
 TRUSTED_SUFFIXES = ("fal.run", "falrun.com", "fal.ai")
-ACCEPT = object()  # from a check(): this non-2xx answer is a valid one
 AUTH_MESSAGE = "fal.ai rejected the API key (HTTP {status}): check FAL_KEY (key id:secret from fal.ai/dashboard/keys)"
 
 
-class FalError(Exception):
+class FalError(ServiceError):
     """kind: auth, invalid, unreachable, timeout, failed, not_found, bad_response, http.
 
     `fields` names the input fields fal complained about (kind invalid or failed);
     `error_type` is fal's x-fal-error-type when it sent one.
     """
 
-    def __init__(self, message, *, kind="error", status=None, retryable=False, fields=(), error_type=None):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.status = status
-        self.retryable = retryable
+    def __init__(self, message, *, fields=(), error_type=None, **kwargs):
+        super().__init__(message, **kwargs)
         self.fields = tuple(fields)
         self.error_type = error_type
-
-    def __str__(self):
-        return self.message
 
 
 # ---------------------------------------------------------------------- inputs and cost
@@ -148,11 +138,6 @@ def build_input(*, image_url, prompt, negative_prompt="", frames=None, fps=None,
 # ---------------------------------------------------------------------- helpers
 
 
-def _snippet(text, limit=200) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def _field(item) -> str:
     loc = [str(part) for part in (item.get("loc") or []) if part != "body"]
     return ".".join(loc)
@@ -164,7 +149,7 @@ def _describe_detail(detail) -> tuple[str, tuple]:
         parts, fields = [], []
         for item in detail:
             if not isinstance(item, dict):
-                parts.append(_snippet(str(item), 120))
+                parts.append(snippet(str(item), 120))
                 continue
             name = _field(item)
             msg = item.get("msg") or item.get("type") or "invalid"
@@ -173,8 +158,8 @@ def _describe_detail(detail) -> tuple[str, tuple]:
                 fields.append(name)
         return "; ".join(parts) or "no details", tuple(dict.fromkeys(fields))
     if isinstance(detail, dict):
-        return _snippet(json.dumps(detail), 300), ()
-    return _snippet(str(detail), 300), ()
+        return snippet(json.dumps(detail), 300), ()
+    return snippet(str(detail), 300), ()
 
 
 def _body_detail(resp):
@@ -188,45 +173,36 @@ def _body_detail(resp):
 # ---------------------------------------------------------------------- client
 
 
-class FalClient:
-    def __init__(self, key, base_url="https://queue.fal.run", *, connect_timeout=5.0, read_timeout=30.0, retries=3, backoff=0.5):
+class FalClient(ServiceClient):
+    service = "fal.ai"
+    error = FalError
+    guard = netguard
+    hint = "; check the network or FAL_QUEUE_URL"
+    # fal-client's own rules for a submit fal did not queue: 408, 409 and 429 mean "try again",
+    # up to 10 times, from 0.1 s doubling to at most 30 s, with jitter.
+    SUBMIT_RETRY_STATUSES = (408, 409, 429)
+    SUBMIT_ATTEMPTS = 10
+
+    def __init__(self, key, base_url="https://queue.fal.run", *, connect_timeout=5.0, read_timeout=30.0, retries=3, backoff=0.5,
+                 submit_backoff=0.1):
         if not key:
             raise FalError("fal.ai is not configured: set FAL_KEY to an API key from fal.ai/dashboard/keys", kind="auth")
         self._key = key
         self.base_url = base_url.rstrip("/")
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.retries = max(0, int(retries))
-        self.backoff = backoff
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
-        # Redirects are not followed for queue calls: they would carry the key elsewhere.
-        self._http = netguard.http_client(timeout=self._timeout, follow_redirects=False)
+        self.submit_backoff = submit_backoff
+        super().__init__(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, backoff=backoff)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self):
-        return f"<FalClient {self.base_url}>"
-
-    def close(self):
-        self._http.close()
+    @property
+    def where(self) -> str:
+        return self.base_url
 
     # ------------------------------------------------------------------ plumbing
 
     def _headers(self) -> dict:
         return {"Authorization": f"Key {self._key}", "Accept": "application/json"}
 
-    def _safe(self, text: str) -> str:
-        for secret in {self._key, *self._key.split(":")}:
-            if len(secret) >= 4 and secret in text:
-                text = text.replace(secret, "***")
-        return text
-
-    def _error(self, message, **kwargs) -> FalError:
-        return FalError(self._safe(message), **kwargs)
+    def _secrets(self) -> list[str]:
+        return [self._key, *self._key.split(":")]
 
     def _check_queue_url(self, url, what) -> str:
         """Only send the key to the queue host (or fal's own domains); the URL may come from a database row."""
@@ -239,78 +215,28 @@ class FalClient:
         same = parts is not None and (parts.scheme, parts.netloc) == (base.scheme, base.netloc)
         fal = parts is not None and parts.scheme == "https" and any(host == s or host.endswith("." + s) for s in TRUSTED_SUFFIXES)
         if not (same or fal):
-            raise self._error(f"Refusing to send the fal.ai key to {what} {_snippet(str(url), 120)!r}: not a fal.ai queue URL", kind="bad_response")
+            raise self._error(f"Refusing to send the fal.ai key to {what} {snippet(str(url), 120)!r}: not a fal.ai queue URL", kind="bad_response")
         return url
-
-    def _transport_error(self, exc, method, where, *, submit=False) -> FalError:
-        reason = netguard.blocked_reason(exc)
-        if reason is not None:
-            return self._error(f"Cannot reach fal.ai at {where}: {reason}", kind="unreachable")
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self._error(f"Cannot reach fal.ai at {where}: connection timed out after {self.connect_timeout}s", kind="unreachable", retryable=True)
-        if isinstance(exc, httpx.TimeoutException):
-            if submit:
-                return self._error(
-                    f"fal.ai did not answer the submission within {self.read_timeout}s; it may or may not be queued "
-                    "(check fal.ai/dashboard/requests before submitting again)", kind="timeout",
-                )
-            return self._error(f"fal.ai did not answer {method} {where} within {self.read_timeout}s", kind="timeout", retryable=True)
-        if isinstance(exc, httpx.ConnectError):
-            return self._error(f"Cannot reach fal.ai at {where}: connection failed; check the network or FAL_QUEUE_URL", kind="unreachable", retryable=True)
-        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-            if submit:
-                return self._error(f"fal.ai dropped the connection during the submission to {where}; it may or may not be queued", kind="unreachable")
-            return self._error(f"fal.ai dropped the connection during {method} {where}", kind="unreachable", retryable=True)
-        return self._error(f"Cannot talk to fal.ai at {where}: {type(exc).__name__}", kind="unreachable", retryable=True)
 
     def _status_error(self, resp, method, where) -> FalError | None:
         status = resp.status_code
         if status < 300:
             return None
         detail = _body_detail(resp)
-        text, fields = _describe_detail(detail) if detail is not None else (_snippet(resp.text), ())
+        text, fields = _describe_detail(detail) if detail is not None else (snippet(resp.text), ())
         if status in (401, 403):
             return self._error(AUTH_MESSAGE.format(status=status) + (f": {text}" if text else ""), kind="auth", status=status)
         if status == 404:
             return self._error(f"fal.ai has nothing at {method} {where} (HTTP 404){': ' + text if text else ''}", kind="not_found", status=404)
         if status == 429:
-            return self._error("fal.ai is rate limiting this key (HTTP 429); try again shortly", kind="http", status=429, retryable=True)
+            return self._error("fal.ai is rate limiting this key (HTTP 429); try again shortly", kind="http", status=429, retryable=True,
+                               retry_after=retry_after(resp.headers))
         message = f"fal.ai answered HTTP {status} to {method} {where}" + (f": {text}" if text else "")
         return self._error(message, kind="http", status=status, retryable=status >= 500, fields=fields)
 
-    def _pause(self, attempt):
-        time.sleep(min(self.backoff * (2**attempt), 8.0))
-
     def _request(self, method, url, *, check=None, parse=None, **kwargs):
-        """An idempotent call, retried with backoff on timeouts, dropped connections and 5xx/429.
-
-        check(resp) may return a FalError for a non-2xx answer it understands better,
-        or ACCEPT for a non-2xx answer that is a valid one. parse(resp) runs inside
-        the retry loop, so a cut-short (non-JSON) answer is tried again.
-        """
-        where = urlsplit(url).path
-        attempts = 1 + self.retries
-        for attempt in range(attempts):
-            try:
-                resp = self._http.request(method, url, headers=self._headers(), timeout=self._timeout, **kwargs)
-            except httpx.HTTPError as exc:
-                error = self._transport_error(exc, method, where)
-            else:
-                error = check(resp) if check else None
-                if error is not ACCEPT:
-                    error = error or self._status_error(resp, method, where)
-                if error is None or error is ACCEPT:
-                    if parse is None:
-                        return resp
-                    try:
-                        return parse(resp)
-                    except FalError as exc:
-                        error = exc
-            if not error.retryable or attempt == attempts - 1:
-                raise error
-            log.warning("fal.ai %s %s failed (%s), retrying", method, where, error)
-            self._pause(attempt)
-        raise AssertionError("unreachable")
+        """An idempotent call, retried with backoff on timeouts, dropped connections and 5xx/429."""
+        return self._call(method, url, path=urlsplit(url).path, check=check, parse=parse, **kwargs)
 
     def _json(self, resp, what, *, retryable=True) -> dict:
         try:
@@ -318,41 +244,56 @@ class FalClient:
         except ValueError:
             # Retryable: a proxy cutting an answer short is worth another try on a GET.
             raise self._error(
-                f"fal.ai sent a non-JSON answer to {what}: {_snippet(resp.text, 120)!r}; is FAL_QUEUE_URL a fal.ai queue URL?",
+                f"fal.ai sent a non-JSON answer to {what}: {snippet(resp.text, 120)!r}; is FAL_QUEUE_URL a fal.ai queue URL?",
                 kind="bad_response", status=resp.status_code, retryable=retryable,
             ) from None
         if not isinstance(body, dict):
-            raise self._error(f"fal.ai sent an unexpected answer to {what}: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"fal.ai sent an unexpected answer to {what}: {snippet(json.dumps(body), 120)}", kind="bad_response")
         return body
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, endpoint, arguments, *, webhook_url=None) -> dict:
-        """Queue a request; never retried (a retry could pay twice).
+    def submit(self, endpoint, arguments, *, webhook_url=None, start_timeout: int | None = None) -> dict:
+        """Queue a request. Tried again only when fal says it did not queue it (408, 409, 429, as
+        fal-client does) or the connection was never made: any other retry could pay twice.
 
+        `start_timeout`: seconds fal may keep the request queued before giving up on it (as
+        fal-client's start_timeout), so inputs given by a URL can be made to outlive it.
         Returns {"request_id", "status_url", "response_url", "cancel_url"}: store the
         URLs and use them as they are; they drop the endpoint's sub-path.
         """
         endpoint = endpoint.strip("/")
+        headers = {}
+        if start_timeout:
+            headers = {"X-Fal-Request-Timeout": str(int(start_timeout)), "X-Fal-Request-Timeout-Type": "user"}
         url = f"{self.base_url}/{endpoint}"
         where = f"/{endpoint}"
         params = {"fal_webhook": webhook_url} if webhook_url else None
-        try:
-            resp = self._http.request("POST", url, json=arguments, params=params, headers=self._headers(), timeout=self._timeout)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, "POST", where, submit=True) from None
-        if resp.status_code == 422:
-            text, fields = _describe_detail(_body_detail(resp))
-            raise self._error(f"fal.ai rejected the input for {endpoint}: {text}", kind="invalid", status=422, fields=fields)
-        if resp.status_code == 404:
-            raise self._error(f"fal.ai has no endpoint {endpoint!r} (HTTP 404): check the endpoint id", kind="not_found", status=404)
-        error = self._status_error(resp, "POST", where)
-        if error is not None:
-            raise error
+
+        def check(resp):
+            status = resp.status_code
+            if status == 422:
+                text, fields = _describe_detail(_body_detail(resp))
+                return self._error(f"fal.ai rejected the input for {endpoint}: {text}", kind="invalid", status=422, fields=fields)
+            if status == 404:
+                return self._error(f"fal.ai has no endpoint {endpoint!r} (HTTP 404): check the endpoint id", kind="not_found", status=404)
+            error = self._status_error(resp, "POST", where)
+            if error is not None:
+                error.retryable = status in self.SUBMIT_RETRY_STATUSES  # not queued; anything else may have been
+                if error.retryable and status != 429:
+                    error.message = f"fal.ai did not queue the request (HTTP {status}); try again shortly"
+            return error
+
+        resp = self._call(
+            "POST", url, path=where, idempotent=False, json=arguments, params=params, check=check, headers=headers,
+            unsure="it may or may not be queued (check fal.ai/dashboard/requests before submitting again)",
+            attempts=self.SUBMIT_ATTEMPTS,
+            retry_delay=lambda error, attempt: self._retry_delay(error, attempt, backoff=self.submit_backoff, max_backoff=30.0),
+        )
         body = self._json(resp, f"POST {where}", retryable=False)  # it may have been queued
         request_id = body.get("request_id")
         if not isinstance(request_id, str) or not request_id:
-            raise self._error(f"fal.ai's answer to POST {where} has no request_id: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"fal.ai's answer to POST {where} has no request_id: {snippet(json.dumps(body), 120)}", kind="bad_response")
         # Status, result and cancel live under {owner}/{alias} only; built only if fal left one out.
         fallback = f"{self.base_url}/{'/'.join(endpoint.split('/')[:2])}/requests/{request_id}"
         out = {"request_id": request_id}
@@ -367,7 +308,7 @@ class FalClient:
         self._check_queue_url(status_url, "status URL")
         body = self._request("GET", status_url, params={"logs": "1"}, parse=lambda resp: self._json(resp, "the status request"))
         if body.get("status") not in STATUSES:
-            raise self._error(f"fal.ai sent an unknown request status: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"fal.ai sent an unknown request status: {snippet(json.dumps(body), 120)}", kind="bad_response")
         return body
 
     def result(self, response_url) -> dict:
@@ -384,7 +325,7 @@ class FalClient:
             detail = _body_detail(resp)
             if status == 400 and isinstance(detail, str) and "in progress" in detail.lower():
                 return self._error("The fal.ai result is not ready yet: poll status() until it is COMPLETED", kind="http", status=400)
-            text, fields = _describe_detail(detail) if detail is not None else (_snippet(resp.text), ())
+            text, fields = _describe_detail(detail) if detail is not None else (snippet(resp.text), ())
             error_type = resp.headers.get("x-fal-error-type")
             message = f"fal.ai could not generate the video: {text}" + (f" [{error_type}]" if error_type else "")
             return self._error(message, kind="failed", status=status, fields=fields, error_type=error_type)
@@ -406,7 +347,7 @@ class FalClient:
         body = self._maybe_json(resp)
         answer = body.get("status") if isinstance(body, dict) else None
         if answer not in CANCEL_ANSWERS:
-            raise self._error(f"fal.ai sent an unexpected answer to the cancel request: {_snippet(resp.text, 120)!r}", kind="bad_response", status=resp.status_code)
+            raise self._error(f"fal.ai sent an unexpected answer to the cancel request: {snippet(resp.text, 120)!r}", kind="bad_response", status=resp.status_code)
         return answer
 
     @staticmethod
@@ -426,40 +367,14 @@ class FalClient:
         parts = urlsplit(url)
         host = parts.netloc.rsplit("@", 1)[-1]  # never log credentials embedded in a URL
         where = f"{parts.scheme}://{host}{parts.path}"
-        attempts = 1 + self.retries
-        for attempt in range(attempts):
-            resp = None
-            try:
-                request = self._http.build_request("GET", url, timeout=self._timeout)
-                resp = self._http.send(request, stream=True, follow_redirects=True)
-            except httpx.HTTPError as exc:
-                error = self._transport_error(exc, "GET", where)
-            else:
-                error = None
-                if resp.status_code >= 300:
-                    status = resp.status_code
-                    if status in (403, 404, 410):
-                        error = self._error(f"The fal.ai video at {where} is gone (HTTP {status}); outputs expire, so copy them promptly", kind="not_found", status=status)
-                    else:
-                        error = self._error(f"Downloading the fal.ai video from {where} failed with HTTP {status}", kind="http", status=status, retryable=status >= 500 or status == 429)
-                    resp.close()
-            if error is None:
-                break
-            if not error.retryable or attempt == attempts - 1:
-                raise error
-            log.warning("fal.ai download %s failed (%s), retrying", where, error)
-            self._pause(attempt)
+        def check(resp):
+            status = resp.status_code
+            if status < 300:
+                return None
+            if status in (403, 404, 410):
+                return self._error(f"The fal.ai video at {where} is gone (HTTP {status}); outputs expire, so copy them promptly", kind="not_found", status=status)
+            return self._error(f"Downloading the fal.ai video from {where} failed with HTTP {status}", kind="http", status=status, retryable=status >= 500 or status == 429)
 
-        def mid_download_error(what, exc):
-            if what == "stalled":
-                return FalError(f"Download of the fal.ai video from {where} stalled: no data for {self.read_timeout}s",
-                                kind="timeout", retryable=True)
-            return FalError(f"Download of the fal.ai video from {where} was interrupted ({type(exc).__name__})",
-                            kind="unreachable", retryable=True)
-
-        resp.stream = netguard.StreamErrors(resp.stream, mid_download_error)
-        try:
+        with self._open_stream(url, where=where, check=check, follow_redirects=True) as resp:
             yield resp
-        finally:
-            resp.close()
 

@@ -50,10 +50,16 @@ def estimate(job) -> Decimal:
     return estimate_cost(settings.FAL_ENDPOINT, job.width, job.height, job.frames)
 
 
+def input_url_lifetime() -> int:
+    """Seconds the input image URL stays valid: the longest fal may keep the request queued
+    (the start timeout sent with it) plus the longest a run takes, so fal can still fetch it."""
+    return settings.I2V_FAL_START_TIMEOUT + settings.I2V_FAL_RUN_SECONDS
+
+
 def _image_url(job) -> str:
     """A URL fal can download without our credentials: presigned R2, else a data URI."""
     if settings.R2_BUCKET:
-        return default_storage.url(job.input_image.name)
+        return default_storage.url(job.input_image.name, expire=input_url_lifetime())
     with default_storage.open(job.input_image.name, "rb") as fh:
         data = fh.read()
     ext = job.input_image.name.rsplit(".", 1)[-1].lower()
@@ -129,7 +135,8 @@ def submit(job, fal):
     if not marked:
         return
     try:
-        handle = fal.submit(settings.FAL_ENDPOINT, arguments, webhook_url=webhook_url(job))
+        handle = fal.submit(settings.FAL_ENDPOINT, arguments, webhook_url=webhook_url(job),
+                            start_timeout=settings.I2V_FAL_START_TIMEOUT)
     except FalError as exc:
         # Refused before it was queued (bad key, bad input): nothing was charged, nothing to resume.
         if exc.kind in ("auth", "invalid"):

@@ -11,7 +11,6 @@ import logging
 import mimetypes
 import re
 import socket
-import ssl
 import time
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit, parse_qsl
 
@@ -20,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect as ws_connect
 
 from gpu import netguard
+from i2v.core.http import ACCEPT, ServiceClient, ServiceError, causes, connect_reason, snippet
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,12 @@ MODEL_EXTENSIONS = (".gguf", ".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".s
 WS_MAX_MESSAGE = 16 * 1024 * 1024
 
 
-class ComfyUIError(Exception):
+class ComfyUIError(ServiceError):
     """kind: unreachable, timeout, auth, not_ready, validation, bad_response, http, blocked, ws_closed."""
 
-    def __init__(self, message, *, kind="error", retryable=False, status=None, node_errors=None):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.retryable = retryable
-        self.status = status
+    def __init__(self, message, *, node_errors=None, **kwargs):
+        super().__init__(message, **kwargs)
         self.node_errors = node_errors or {}
-
-    def __str__(self):
-        return self.message
 
 
 def _redact_url(url: str) -> str:
@@ -58,44 +51,9 @@ def _redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _causes(exc):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def _connect_reason(exc) -> str:
-    """Why a connection could not be made, in words: refused, DNS, TLS or timeout."""
-    for cause in _causes(exc):
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS certificate verification failed ({cause.verify_message})"
-        if isinstance(cause, ssl.SSLError):
-            return "TLS handshake failed"
-        if isinstance(cause, socket.gaierror):
-            return "DNS lookup failed: the host name does not resolve"
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused: nothing is listening on that port (ComfyUI down or wrong port?)"
-        if isinstance(cause, (TimeoutError, socket.timeout, httpx.TimeoutException)):
-            return "connection timed out"
-        if isinstance(cause, ConnectionResetError):
-            return "connection reset by the server"
-    text = str(exc).lower()
-    if "refused" in text:
-        return "connection refused: nothing is listening on that port (ComfyUI down or wrong port?)"
-    if "name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text or "name resolution" in text:
-        return "DNS lookup failed: the host name does not resolve"
-    if "ssl" in text or "certificate" in text or "tls" in text:
-        return "TLS handshake failed"
-    if "timed out" in text:
-        return "connection timed out"
-    return f"connection failed ({type(exc).__name__})"
-
-
-def _snippet(text: str, limit=200) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    reason = connect_reason(exc)
+    return reason + ": nothing is listening on that port (ComfyUI down or wrong port?)" if reason == "connection refused" else reason
 
 
 def _format_node_error(node_id, entry) -> list[str]:
@@ -148,7 +106,7 @@ def _execution_error_message(data: dict) -> str:
     exc_type = data.get("exception_type") or "error"
     message = (data.get("exception_message") or "").strip()
     first = message.split("\n", 1)[0] if message else ""
-    text = f"{node} failed: {exc_type}: {_snippet(first, 300)}" if first else f"{node} failed: {exc_type}"
+    text = f"{node} failed: {exc_type}: {snippet(first, 300)}" if first else f"{node} failed: {exc_type}"
     if "OutOfMemory" in exc_type or "out of memory" in message.lower():
         text += " — the GPU ran out of memory; try fewer frames or a smaller size"
     return text
@@ -240,7 +198,11 @@ class EventStream:
             yield self.next()
 
 
-class ComfyUIClient:
+class ComfyUIClient(ServiceClient):
+    service = "ComfyUI"
+    error = ComfyUIError
+    guard = netguard
+
     def __init__(self, base_url, *, token=None, connect_timeout=5.0, read_timeout=30.0, retries=2, http_client=None, backoff=0.5):
         parts = urlsplit(base_url.strip())
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -248,26 +210,8 @@ class ComfyUIClient:
         url_token = next((value for key, value in query if key == "token"), None)
         self._token = token or url_token or None
         self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.retries = max(0, int(retries))
-        self.backoff = backoff
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else netguard.http_client(timeout=self._timeout, follow_redirects=False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        if self._owns_http:
-            self._http.close()
-
-    def __repr__(self):
-        return f"<ComfyUIClient {self.where}>"
+        super().__init__(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, backoff=backoff,
+                         http_client=http_client)
 
     @property
     def where(self) -> str:
@@ -281,37 +225,30 @@ class ComfyUIClient:
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def _safe(self, text: str) -> str:
-        if self._token and self._token in text:
-            text = text.replace(self._token, "***")
-        return text
+    def _secrets(self) -> list[str]:
+        return [self._token] if self._token else []
 
-    def _error(self, message, **kwargs) -> ComfyUIError:
-        return ComfyUIError(self._safe(message), **kwargs)
+    def _retry_delay(self, error, attempt):
+        if error.kind == "not_ready":
+            return None  # ComfyUI is still starting: minutes, not a retry's worth
+        return super()._retry_delay(error, attempt)
 
     def _guard_error(self, exc) -> ComfyUIError | None:
         """netguard refusals: a host that does not resolve is unreachable, anything else blocked."""
-        for cause in _causes(exc):
+        for cause in causes(exc):
             if isinstance(cause, netguard.BlockedURL):
-                if any(isinstance(c, socket.gaierror) for c in _causes(cause)):
+                if any(isinstance(c, socket.gaierror) for c in causes(cause)):
                     return self._error(f"Cannot reach ComfyUI at {self.where}: DNS lookup failed: the host name does not resolve", kind="unreachable", retryable=True)
                 return self._error(str(cause), kind="blocked")
         return None
 
-    def _transport_error(self, exc, method, path) -> ComfyUIError:
-        target = f"{method} {self.where}{path}"
+    def _transport_error(self, exc, method, path, *, unsure=None) -> ComfyUIError:
         guarded = self._guard_error(exc)
         if guarded is not None:
             return guarded
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self._error(f"Cannot reach ComfyUI at {self.where}: connection timed out after {self.connect_timeout}s", kind="unreachable", retryable=True)
-        if isinstance(exc, httpx.TimeoutException):
-            return self._error(f"ComfyUI did not answer {target} within {self.read_timeout}s", kind="timeout", retryable=True)
-        if isinstance(exc, httpx.ConnectError):
+        if isinstance(exc, httpx.ConnectError) and not isinstance(exc, httpx.ConnectTimeout):
             return self._error(f"Cannot reach ComfyUI at {self.where}: {_connect_reason(exc)}", kind="unreachable", retryable=True)
-        if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-            return self._error(f"ComfyUI at {self.where} dropped the connection during {method} {path}", kind="unreachable", retryable=True)
-        return self._error(f"Cannot talk to ComfyUI at {self.where}: {type(exc).__name__}", kind="unreachable", retryable=True)
+        return super()._transport_error(exc, method, path, unsure=unsure)
 
     def _status_error(self, resp, method, path, *, read_body=True) -> ComfyUIError | None:
         status = resp.status_code
@@ -328,37 +265,24 @@ class ComfyUIClient:
                 f"Cannot reach ComfyUI at {self.where}: the tunnel is gone (HTTP 530); the tunnel URL may have expired",
                 kind="unreachable", retryable=True, status=status,
             )
-        body = _snippet(resp.text) if read_body else ""
+        body = snippet(resp.text) if read_body else ""
         message = f"ComfyUI answered HTTP {status} to {method} {path}" + (f": {body}" if body else "")
         return self._error(message, kind="http", status=status, retryable=status >= 500 or status == 429)
 
-    def _pause(self, attempt):
-        time.sleep(min(self.backoff * (2**attempt), 8.0))
-
     def _request(self, method, path, *, idempotent, parse=None, none_on_404=False, **kwargs):
         """One call, retried with backoff when idempotent; parse(resp) runs inside the retry loop."""
-        attempts = 1 + (self.retries if idempotent else 0)
-        for attempt in range(attempts):
-            try:
-                resp = self._http.request(method, self._url(path), headers=self._headers(), timeout=self._timeout, **kwargs)
-            except httpx.HTTPError as exc:
-                error = self._transport_error(exc, method, path)
-            else:
-                error = self._status_error(resp, method, path)
-                if error is None:
-                    if parse is None:
-                        return resp
-                    try:
-                        return parse(resp)
-                    except ComfyUIError as exc:
-                        error = exc
-                elif none_on_404 and resp.status_code == 404:
-                    return None
-            if not error.retryable or error.kind == "not_ready" or attempt == attempts - 1:
-                raise error
-            log.warning("ComfyUI %s %s%s failed (%s), retrying", method, self.where, path, error)
-            self._pause(attempt)
-        raise AssertionError("unreachable")
+        def check(resp):
+            error = self._status_error(resp, method, path)
+            if error is not None and none_on_404 and resp.status_code == 404 and error.kind == "http":
+                return ACCEPT
+            return error
+
+        def parse_or_none(resp):
+            if none_on_404 and resp.status_code == 404:
+                return None
+            return parse(resp) if parse is not None else resp
+
+        return self._call(method, self._url(path), path=path, idempotent=idempotent, check=check, parse=parse_or_none, **kwargs)
 
     def _json(self, resp, method, path, expect=object):
         try:
@@ -367,11 +291,11 @@ class ComfyUIClient:
             kind = resp.headers.get("content-type", "no content type")
             # Retryable: a proxy cutting an answer short is worth another try on a GET.
             raise self._error(
-                f"ComfyUI at {self.where} sent a non-JSON answer to {method} {path} ({kind}): {_snippet(resp.text, 120)!r}; is this a ComfyUI URL?",
+                f"ComfyUI at {self.where} sent a non-JSON answer to {method} {path} ({kind}): {snippet(resp.text, 120)!r}; is this a ComfyUI URL?",
                 kind="bad_response", retryable=True, status=resp.status_code,
             ) from None
         if not isinstance(body, expect):
-            raise self._error(f"ComfyUI at {self.where} sent an unexpected answer to {method} {path}: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"ComfyUI at {self.where} sent an unexpected answer to {method} {path}: {snippet(json.dumps(body), 120)}", kind="bad_response")
         return body
 
     def _get_json(self, path, params=None, *, expect=dict, none_on_404=False):
@@ -405,7 +329,7 @@ class ComfyUIClient:
         resp = self._request_post(path, files={"image": (filename, data, content_type)}, data=form)
         body = self._json(resp, "POST", path, dict)
         if not isinstance(body.get("name"), str):
-            raise self._error(f"ComfyUI sent an unexpected answer to POST {path}: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"ComfyUI sent an unexpected answer to POST {path}: {snippet(json.dumps(body), 120)}", kind="bad_response")
         sub = body.get("subfolder") or ""
         return f"{sub}/{body['name']}" if sub else body["name"]
 
@@ -452,7 +376,7 @@ class ComfyUIClient:
             raise error
         body = self._json(resp, "POST", path, dict)
         if not isinstance(body.get("prompt_id"), str):
-            raise self._error(f"ComfyUI sent an unexpected answer to POST /prompt: {_snippet(json.dumps(body), 120)}", kind="bad_response")
+            raise self._error(f"ComfyUI sent an unexpected answer to POST /prompt: {snippet(json.dumps(body), 120)}", kind="bad_response")
         node_errors = body.get("node_errors") or {}
         if node_errors:
             touched = output_node is None or any(
@@ -512,44 +436,20 @@ class ComfyUIClient:
         headers = self._headers()
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        attempts = 1 + self.retries
-        where = f"{self.where}/view?{urlencode(params)}"
-        for attempt in range(attempts):
-            resp = None
-            try:
-                request = self._http.build_request("GET", self._url(path), params=params, headers=headers, timeout=self._timeout)
-                resp = self._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                error = self._transport_error(exc, "GET", path)
-            else:
-                error = self._status_error(resp, "GET", path, read_body=False)
-                if error is None and offset and resp.status_code != 206:
-                    error = self._error(f"ComfyUI ignored the Range request for {filename}", kind="bad_response")
-                if error is not None:
-                    if resp.status_code == 404:
-                        error = self._error(f"Output file not found on ComfyUI: {subfolder + '/' if subfolder else ''}{filename} ({type})", kind="http", status=404)
-                    elif resp.status_code in (400, 403):
-                        error = self._error(f"ComfyUI refused to serve {filename!r} from {type}/{subfolder} (HTTP {resp.status_code})", kind="http", status=resp.status_code)
-                    resp.close()
-            if error is None:
-                break
-            if not error.retryable or error.kind == "not_ready" or attempt == attempts - 1:
-                raise error
-            log.warning("ComfyUI GET %s failed (%s), retrying", self._safe(where), error)
-            self._pause(attempt)
-        where = self._safe(where)
 
-        def mid_download_error(what, exc):
-            if what == "stalled":
-                return ComfyUIError(f"Download from {where} stalled: no data for {self.read_timeout}s", kind="timeout", retryable=True)
-            return ComfyUIError(f"Download from {where} was interrupted ({_snippet(str(exc), 120) or type(exc).__name__})",
-                                kind="unreachable", retryable=True)
+        def check(resp):
+            error = self._status_error(resp, "GET", path, read_body=False)
+            if error is None and offset and resp.status_code != 206:
+                error = self._error(f"ComfyUI ignored the Range request for {filename}", kind="bad_response")
+            if error is not None and resp.status_code == 404:
+                error = self._error(f"Output file not found on ComfyUI: {subfolder + '/' if subfolder else ''}{filename} ({type})", kind="http", status=404)
+            elif error is not None and resp.status_code in (400, 403):
+                error = self._error(f"ComfyUI refused to serve {filename!r} from {type}/{subfolder} (HTTP {resp.status_code})", kind="http", status=resp.status_code)
+            return error
 
-        resp.stream = netguard.StreamErrors(resp.stream, mid_download_error)
-        try:
+        where = self._safe(f"{self.where}/view?{urlencode(params)}")
+        with self._open_stream(self._url(path), where=where, check=check, headers=headers, params=params) as resp:
             yield resp
-        finally:
-            resp.close()
 
     def _ws_url(self, client_id) -> str:
         parts = urlsplit(self.base_url)

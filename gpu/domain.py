@@ -1,10 +1,12 @@
 """GPU-side business logic: config changes (recorded), availability, and the error every
 vast.ai rental step (gpu.offers, gpu.onstart, gpu.lifecycle, gpu.reconciler) raises."""
 
-from django.conf import settings
-from django.db import transaction
+import time
 
-from gpu.models import GpuConfig, GpuConfigChange
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from gpu.models import ApiPace, GpuConfig, GpuConfigChange
 from gpu.vastai import VastAIClient, VastAIError
 
 CONFIG_FIELDS = ("comfyui_url", "swarmui_url", "gpu_provider", "vastai_instance_id", "comfyui_token")
@@ -28,11 +30,32 @@ class ProvisioningError(Exception):
         return self.message
 
 
+def pace(endpoint: str, interval: float) -> None:
+    """Wait for this process's turn at a vast.ai endpoint: calls go out at least `interval` seconds
+    apart across every process. A slot is claimed in the database (a row lock on PostgreSQL, the
+    write lock on SQLite), then the wait happens outside the transaction."""
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                ApiPace.objects.get_or_create(endpoint=endpoint)
+                row = ApiPace.objects.select_for_update().get(endpoint=endpoint)
+                now = time.time()
+                start = max(now, row.next_at)
+                ApiPace.objects.filter(pk=row.pk).update(next_at=start + interval)
+            break
+        except IntegrityError:  # two processes created the row at once: the other one won
+            continue
+    else:
+        return
+    if start > now:
+        time.sleep(start - now)
+
+
 def vast_client(*, retries=3) -> VastAIClient:
     if not settings.VASTAI_API_KEY:
         raise ProvisioningError(NO_KEY, status=503)
     return VastAIClient(settings.VASTAI_API_KEY, settings.VASTAI_API_URL, retries=retries,
-                        backoff=settings.VASTAI_RETRY_BACKOFF)
+                        backoff=settings.VASTAI_RETRY_BACKOFF, pace=pace, pace_scale=settings.VASTAI_PACE_SCALE)
 
 
 def vast_error(exc: VastAIError, doing: str) -> ProvisioningError:

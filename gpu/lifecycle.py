@@ -194,7 +194,7 @@ def _rent(client, config, instance, offers) -> VastInstance:
 
 def _adopt_by_label(client, instance) -> VastInstance | None:
     try:
-        listed = client.list_instances()
+        listed = client.list_instances(label=instance.label)
     except VastAIError:
         return None  # the reconciler ties it up later by its label
     found = next((i for i in listed if i.get("label") == instance.label), None)
@@ -245,10 +245,10 @@ def _note(instance, **fields) -> bool:
 
 
 def _list_entry(vast_id) -> dict | None:
-    """The instance from the legacy list, which carries the port mappings the by-id answer may lack."""
+    """The instance from the list, which carries the port mappings the by-id answer may lack."""
     try:
         with vast_client(retries=0) as client:
-            return next((i for i in client.list_instances() if i.get("id") == vast_id), None)
+            return next((i for i in client.list_instances(instance_id=vast_id) if i.get("id") == vast_id), None)
     except (VastAIError, ProvisioningError):
         return None
 

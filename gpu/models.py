@@ -165,6 +165,8 @@ class VastInstance(models.Model):
     attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a first rental, 2+ for a replacement of a machine that died")
     actual_status = models.CharField(max_length=20, blank=True, help_text="vast.ai's actual_status when last checked")
     checked_at = models.DateTimeField(null=True, blank=True, help_text="When vast.ai was last asked about it")
+    unknown_since = models.DateTimeField(null=True, blank=True,
+                                         help_text="Since when a running instance reports `unknown` (a heartbeat gap)")
     comfyui_seen_at = models.DateTimeField(null=True, blank=True, help_text="When ComfyUI first answered")
     portal_url = models.URLField(max_length=500, blank=True)
     provisioning_key = models.CharField(max_length=300, blank=True, help_text="R2 key of its generated provisioning script")
@@ -288,3 +290,14 @@ class PlaceHealth(models.Model):
 
     def __str__(self):
         return f"PlaceHealth {self.url} (down since {self.down_since:%H:%M:%S})"
+
+
+class ApiPace(models.Model):
+    """When the next call to one rate-limited vast.ai endpoint may go out, shared by every process
+    (vast.ai's limits are minimum intervals per endpoint and API key, whichever process calls)."""
+
+    endpoint = models.CharField(max_length=40, unique=True)
+    next_at = models.FloatField(default=0.0, help_text="Unix time")
+
+    def __str__(self):
+        return f"ApiPace {self.endpoint} {self.next_at:.1f}"

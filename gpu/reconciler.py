@@ -17,6 +17,21 @@ St = VastInstance.State
 
 ORPHAN_GRACE = 120  # seconds before a rental missing from vast.ai's list is believed gone
 STALE_WAIT = 180  # seconds without a status check before the reconciler restarts the wait task
+UNKNOWN_GRACE = 600  # seconds a running instance may report `unknown` before it is believed dead
+
+
+def _dead_while_running(row: VastInstance, actual: str | None, now) -> bool:
+    """Whether a running instance is gone for good. `unknown` is a missed heartbeat: it counts
+    only once it has lasted UNKNOWN_GRACE (a job on the instance usually carries on meanwhile)."""
+    if actual == "unknown":
+        if row.unknown_since is None:
+            update_instance(row, unknown_since=now)
+            log.warning("reconcile: vast.ai instance %s reports unknown; kept for %d s", row.vast_id, UNKNOWN_GRACE)
+            return False
+        return (now - row.unknown_since).total_seconds() >= UNKNOWN_GRACE
+    if row.unknown_since is not None:
+        update_instance(row, unknown_since=None)
+    return actual in DEAD_STATUSES
 
 
 def _row_for_label(label) -> VastInstance | None:
@@ -70,7 +85,7 @@ def reconcile(now=None) -> dict:
                 log.warning("reconcile: destroyed vast.ai instance %s (%s)", vast_id,
                             "unknown to the database" if row is None else f"known as {row.state}")
                 report["destroyed"].append(vast_id)
-            elif row.state == St.RUNNING and info.get("actual_status") in DEAD_STATUSES:
+            elif row.state == St.RUNNING and _dead_while_running(row, info.get("actual_status"), now):
                 try:
                     destroy_instance(row, f"vast.ai instance {vast_id} went {info['actual_status']} while in use",
                                      failed=True)

@@ -5,82 +5,66 @@ code can branch on. The API key travels only in the Authorization header and nev
 into a message or a log line.
 
 Idempotent calls (GET, DELETE, PUT state/label, and the read-only offer search) are
-retried a bounded number of times on 429/502/503/504 and connection failures,
-honouring Retry-After. Creating an instance is never retried: a lost answer may
-still have rented a machine, so the caller looks for the label before trying again.
+retried a bounded number of times on 429/502/503/504 and connection failures.
+Creating an instance is never retried: a lost answer may still have rented a machine,
+so the caller looks for the label before trying again.
+
+vast.ai's rate limits are minimum intervals between calls to one endpoint (and it
+sends no Retry-After): the client spaces its calls by ENDPOINT_INTERVALS through a
+`pace(endpoint, seconds)` callable (gpu.domain shares it between processes through the
+database), and after a 429 waits the endpoint's interval (create's penalty) before
+trying again.
 """
 
-import email.utils
+import json
 import logging
-import math
-import socket
-import time
+import re
+from fnmatch import fnmatchcase
 from urllib.parse import urlsplit
 
 import httpx
 
 from gpu import netguard
+from i2v.core.http import ServiceClient, ServiceError, retry_after, snippet
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://console.vast.ai/api/v0"
 AUTH_MESSAGE = "vast.ai rejected the API key: check VASTAI_API_KEY"
-RETRY_STATUSES = {429, 502, 503, 504}
 ENV_VALUE_MAX = 256
 ENV_TOTAL_MAX = 32768
 ONSTART_MAX = 4096
 LABEL_MAX = 256
 LABEL_SET_MAX = 1024
 DISK_MIN_GB = 8
+CREATE_READ_TIMEOUT = 120.0  # vast-cli allows slow operations such as creation 120 s
+LIST_PAGE_SIZE = 25  # the v1 list's largest page
+LIST_MAX_PAGES = 400
 RUNTYPES = {"ssh", "ssh_proxy", "ssh_direct", "jupyter", "jupyter_proxy", "jupyter_direct", "args"}
 # actual_status values from which an instance "will never reach running" (hello-world.mdx).
 DEAD_STATUSES = frozenset({"exited", "unknown", "offline"})
+# (method, path pattern after the API version) -> (endpoint, minimum seconds between calls, seconds
+# to wait after a 429): vast.ai's documented per-endpoint x-rate-limit values (search: 10 per minute).
+ENDPOINT_INTERVALS = (
+    ("PUT", "/asks/*", "create", 4.5, 12.0),
+    ("POST", "/bundles/", "search", 6.0, 6.0),
+    ("GET", "/instances/", "list", 1.0, 1.0),
+    ("GET", "/instances/*", "show", 2.0, 2.0),
+    ("DELETE", "/instances/*", "destroy", 3.0, 3.0),
+    ("PUT", "/instances/*", "manage", 1.0, 1.0),
+)
 
 
-class VastAIError(Exception):
+def endpoint_of(method: str, path: str) -> tuple[str, float, float] | None:
+    """(endpoint name, minimum interval, wait after a 429) of a call, None for unlimited ones."""
+    for m, pattern, name, interval, penalty in ENDPOINT_INTERVALS:
+        if m == method and fnmatchcase(path, pattern):
+            return name, interval, penalty
+    return None
+
+
+class VastAIError(ServiceError):
     """kind: auth, rate_limited, quota, offer_gone, invalid, not_found, unreachable, timeout, bad_response, http."""
-
-    def __init__(self, message, *, kind="error", status=None, retryable=False, retry_after=None):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.status = status
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-    def __str__(self):
-        return self.message
-
-
-def _snippet(text, limit=200) -> str:
-    text = " ".join(str(text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _causes(exc):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _retry_after(headers) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    value = (headers.get("Retry-After") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if math.isnan(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 def _body_fields(resp) -> tuple[str, str]:
@@ -88,16 +72,25 @@ def _body_fields(resp) -> tuple[str, str]:
     try:
         body = resp.json()
     except ValueError:
-        return "", _snippet(resp.text)
+        return "", snippet(resp.text)
     if not isinstance(body, dict):
-        return "", _snippet(str(body))
+        return "", snippet(str(body))
     code = body.get("error")
     message = body.get("msg") or body.get("message") or body.get("detail") or ""
-    return (code if isinstance(code, str) else ""), _snippet(message if isinstance(message, str) else str(message))
+    return (code if isinstance(code, str) else ""), snippet(message if isinstance(message, str) else str(message))
+
+
+def serves_https(instance: dict) -> bool:
+    """Whether the instance's Caddy edge serves HTTPS (the template's ENABLE_HTTPS=true)."""
+    env = instance.get("extra_env") if isinstance(instance, dict) else None
+    pairs = env.items() if isinstance(env, dict) else (p for p in env or [] if isinstance(p, (list, tuple)) and len(p) == 2)
+    return any(str(k) == "ENABLE_HTTPS" and str(v).strip().lower() in ("true", "1", "yes") for k, v in pairs)
 
 
 def port_url_of(instance: dict, port: int) -> str | None:
-    """http://{public_ipaddr}:{HostPort} of a container port while the instance runs; else None."""
+    """{scheme}://{public_ipaddr}:{HostPort} of a container port while the instance runs; else None.
+
+    https when the instance serves HTTPS, so the bearer token never crosses the internet in clear text then."""
     if not isinstance(instance, dict) or instance.get("actual_status") != "running":
         return None
     ip = str(instance.get("public_ipaddr") or "").strip()
@@ -109,7 +102,8 @@ def port_url_of(instance: dict, port: int) -> str | None:
         host_port = mapping.get("HostPort") if isinstance(mapping, dict) else None
         if host_port is not None and str(host_port).strip().isdigit():
             host = f"[{ip}]" if ":" in ip else ip
-            return f"http://{host}:{int(str(host_port).strip())}"
+            scheme = "https" if serves_https(instance) else "http"
+            return f"{scheme}://{host}:{int(str(host_port).strip())}"
     return None
 
 
@@ -123,36 +117,26 @@ def portal_url_of(instance: dict) -> str | None:
     return port_url_of(instance, 1111)
 
 
-class VastAIClient:
+class VastAIClient(ServiceClient):
+    service = "vast.ai"
+    error = VastAIError
+    guard = netguard
+    hint = " (check VASTAI_API_URL and the network)"
+    max_backoff = 10.0
+
     def __init__(self, api_key, base_url=DEFAULT_BASE_URL, *, connect_timeout=5.0, read_timeout=30.0, retries=3, backoff=0.5,
-                 max_retry_wait=30.0, http_client=None):
+                 max_retry_wait=30.0, http_client=None, pace=None, pace_scale=1.0, create_timeout=CREATE_READ_TIMEOUT):
         if not api_key or not str(api_key).strip():
             raise VastAIError("No vast.ai API key is configured: set VASTAI_API_KEY", kind="auth")
         self._api_key = str(api_key).strip()
         self.base_url = (base_url or DEFAULT_BASE_URL).strip().rstrip("/")
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.retries = max(0, int(retries))
-        self.backoff = backoff
-        # A Retry-After longer than this is not waited out inside a call: the error says how long to wait.
-        self.max_retry_wait = max_retry_wait
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else netguard.http_client(timeout=self._timeout, follow_redirects=False)
-        self._sleep = time.sleep  # tests may replace it to observe waits
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        if self._owns_http:
-            self._http.close()
-
-    def __repr__(self):
-        return f"<VastAIClient {self.where}>"
+        # The v1 instance list lives beside v0: .../api/v0 -> .../api/v1.
+        self.v1_url = re.sub(r"/v0$", "/v1", self.base_url)
+        self._pace = pace
+        self.pace_scale = pace_scale  # tests shrink vast.ai's intervals
+        self.create_timeout = create_timeout
+        super().__init__(connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, backoff=backoff,
+                         max_retry_wait=max_retry_wait, http_client=http_client)
 
     @property
     def where(self) -> str:
@@ -161,66 +145,37 @@ class VastAIClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _safe(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key in text else text
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
 
-    def _error(self, message, **kwargs) -> VastAIError:
-        return VastAIError(self._safe(message), **kwargs)
+    def _secrets(self) -> list[str]:
+        return [self._api_key]
 
-    def _transport_error(self, exc, method, path, *, creating=False) -> VastAIError:
-        reason = netguard.blocked_reason(exc)
-        if reason is not None:
-            return self._error(f"Cannot reach vast.ai at {self.where}: {reason} (check VASTAI_API_URL)", kind="unreachable")
-        if isinstance(exc, httpx.ConnectTimeout):
-            return self._error(f"Cannot reach vast.ai at {self.where}: connection timed out after {self.connect_timeout}s", kind="unreachable", retryable=True)
-        if isinstance(exc, httpx.TimeoutException):
-            if creating:
-                return self._error(
-                    f"vast.ai did not answer the create request within {self.read_timeout}s; an instance may have been created anyway: "
-                    "look for its label in the instance list before trying again",
-                    kind="timeout",
-                )
-            return self._error(f"vast.ai did not answer {method} {path} within {self.read_timeout}s", kind="timeout", retryable=True)
-        if isinstance(exc, httpx.ConnectError):
-            return self._error(f"Cannot reach vast.ai at {self.where}: {self._connect_reason(exc)}", kind="unreachable", retryable=True)
-        if creating:
-            return self._error(
-                f"The connection to vast.ai broke during the create request ({type(exc).__name__}); an instance may have been "
-                "created anyway: look for its label in the instance list before trying again",
-                kind="unreachable",
-            )
-        return self._error(f"The connection to vast.ai broke during {method} {path} ({type(exc).__name__})", kind="unreachable", retryable=True)
+    def _before_request(self, method, path):
+        endpoint = endpoint_of(method, path)
+        if endpoint is not None and self._pace is not None and self.pace_scale > 0:
+            name, interval, _ = endpoint
+            self._pace(name, interval * self.pace_scale)
 
-    @staticmethod
-    def _connect_reason(exc) -> str:
-        for cause in _causes(exc):
-            if isinstance(cause, socket.gaierror):
-                return "DNS lookup failed (check VASTAI_API_URL and the network)"
-            if isinstance(cause, ConnectionRefusedError):
-                return "connection refused"
-        text = str(exc).lower()
-        if "refused" in text:
-            return "connection refused"
-        if "name or service not known" in text or "getaddrinfo" in text or "name resolution" in text:
-            return "DNS lookup failed (check VASTAI_API_URL and the network)"
-        if "ssl" in text or "certificate" in text:
-            return "TLS handshake failed"
-        return f"connection failed ({type(exc).__name__})"
-
-    def _status_error(self, resp, method, path, what) -> VastAIError:
+    def _status_error(self, resp, method, path, what="") -> VastAIError | None:
         status = resp.status_code
+        if status < 300:
+            return None
         code, message = _body_fields(resp)
         detail = f": {message}" if message else ""
         if status in (401, 403):
             extra = "" if status == 401 else " (or the key lacks the permission for this call)"
             return self._error(AUTH_MESSAGE + extra, kind="auth", status=status)
         if status == 429:
-            wait = _retry_after(resp.headers)
+            wait = retry_after(resp.headers)
             if code == "search_quota_exceeded":
                 when = f"; it resets in about {wait / 3600:.1f} h (UTC midnight)" if wait else " (it resets at UTC midnight)"
                 return self._error(f"vast.ai's daily offer-search quota is used up{when}; try again later", kind="quota", status=429, retry_after=wait)
-            later = f"; retry in {wait:.0f}s" if wait else "; wait a little and retry"
-            return self._error(f"vast.ai is rate-limiting {what}{detail}{later}", kind="rate_limited", status=429, retryable=True, retry_after=wait)
+            if wait is None:  # vast.ai sends no Retry-After: the endpoint's interval is the wait
+                endpoint = endpoint_of(method, path)
+                wait = endpoint[2] * self.pace_scale if endpoint else self.backoff
+            return self._error(f"vast.ai is rate-limiting {what}{detail}; retry in {wait:.0f}s", kind="rate_limited", status=429,
+                               retryable=True, retry_after=wait)
         if status in (404, 410) and ("no_such_ask" in code or "no_such_ask" in message or path.startswith("/asks/")):
             return self._error(f"The vast.ai offer is no longer available{detail}; pick another offer", kind="offer_gone", status=status)
         if status in (404, 410):
@@ -234,33 +189,13 @@ class VastAIClient:
             return self._error(f"vast.ai is having trouble (HTTP {status}) with {what}; try again shortly", kind="http", status=status, retryable=True)
         return self._error(f"vast.ai answered HTTP {status} to {method} {path}{detail}", kind="http", status=status, retryable=False)
 
-    def _delay(self, error, attempt) -> float:
-        delay = min(self.backoff * (2**attempt), 10.0)
-        if error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        return delay
-
-    def _request(self, method, path, *, what, idempotent, json=None, params=None) -> httpx.Response:
+    def _request(self, method, path, *, what, idempotent, json=None, params=None, base=None, timeout=None) -> httpx.Response:
         """One API call, retried with backoff when idempotent. Returns a 2xx response or raises VastAIError."""
-        attempts = 1 + (self.retries if idempotent else 0)
-        headers = {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
-        for attempt in range(attempts):
-            try:
-                resp = self._http.request(method, self.base_url + path, json=json, params=params, headers=headers, timeout=self._timeout)
-            except httpx.HTTPError as exc:
-                error = self._transport_error(exc, method, path, creating=not idempotent)
-            else:
-                if resp.status_code < 300:
-                    return resp
-                error = self._status_error(resp, method, path, what)
-            if not error.retryable or not idempotent or attempt == attempts - 1:
-                raise error
-            delay = self._delay(error, attempt)
-            if delay > self.max_retry_wait:
-                raise error
-            log.warning("vast.ai %s %s failed (%s); retry %d/%d in %.2fs", method, path, error, attempt + 1, self.retries, delay)
-            self._sleep(delay)
-        raise AssertionError("unreachable")
+        return self._call(
+            method, (base or self.base_url) + path, path=path, idempotent=idempotent, json=json, params=params, timeout=timeout,
+            check=lambda resp: self._status_error(resp, method, path, what),
+            unsure="an instance may have been created anyway: look for its label in the instance list before trying again",
+        )
 
     def _json(self, resp, method, path, expect=dict):
         try:
@@ -268,17 +203,17 @@ class VastAIClient:
         except ValueError:
             raise self._error(
                 f"vast.ai sent a non-JSON answer to {method} {path} ({resp.headers.get('content-type', 'no content type')}): "
-                f"{_snippet(resp.text, 120)!r}; is VASTAI_API_URL right?",
+                f"{snippet(resp.text, 120)!r}; is VASTAI_API_URL right?",
                 kind="bad_response", status=resp.status_code,
             ) from None
         if not isinstance(body, expect):
-            raise self._error(f"vast.ai sent an unexpected answer to {method} {path}: {_snippet(body, 120)}", kind="bad_response", status=resp.status_code)
+            raise self._error(f"vast.ai sent an unexpected answer to {method} {path}: {snippet(body, 120)}", kind="bad_response", status=resp.status_code)
         return body
 
     def _check_success(self, body, what):
         if body.get("success") is False:
             code, message = body.get("error") or "", body.get("msg") or body.get("message") or ""
-            raise self._error(f"vast.ai refused {what}: {_snippet(message or code or 'no reason given')}", kind="invalid")
+            raise self._error(f"vast.ai refused {what}: {snippet(message or code or 'no reason given')}", kind="invalid")
 
     # ------------------------------------------------------------------ offers
 
@@ -322,7 +257,7 @@ class VastAIClient:
         body = self._json(resp, "POST", path)
         offers = body.get("offers")
         if not isinstance(offers, list):
-            raise self._error(f"vast.ai's offer search answer has no offer list: {_snippet(body, 120)}", kind="bad_response")
+            raise self._error(f"vast.ai's offer search answer has no offer list: {snippet(body, 120)}", kind="bad_response")
         offers = [o for o in offers if isinstance(o, dict) and o.get("machine_id") not in excluded]
         offers.sort(key=lambda o: (o.get("dph_total") is None, o.get("dph_total") or 0.0))
         return offers[: int(limit)]
@@ -380,7 +315,8 @@ class VastAIClient:
         if template_hash:
             payload["template_hash_id"] = template_hash
         path = f"/asks/{int(offer_id)}/"
-        resp = self._request("PUT", path, what=f"creating an instance on offer {int(offer_id)}", idempotent=False, json=payload)
+        resp = self._request("PUT", path, what=f"creating an instance on offer {int(offer_id)}", idempotent=False, json=payload,
+                             timeout=self.timeout(self.create_timeout))
         body = self._json(resp, "PUT", path)
         self._check_success(body, f"creating an instance on offer {int(offer_id)}")
         new_id = body.get("new_contract")
@@ -410,15 +346,51 @@ class VastAIClient:
             raise self._error(f"vast.ai sent an unexpected instance record for {int(instance_id)}", kind="bad_response")
         return found
 
-    def list_instances(self) -> list[dict]:
-        """Every instance of the account (legacy list, which carries the Docker-style port mappings)."""
+    def list_instances(self, *, label: str | None = None, instance_id: int | None = None) -> list[dict]:
+        """Every instance of the account (or those with this label / id), all pages of the v1 list.
+
+        A page that fails raises VastAIError: the caller never sees part of the list as the
+        whole. Only when vast.ai has no v1 list (404) does it read the deprecated v0 list."""
+        filters = {}
+        if label is not None:
+            filters["label"] = {"eq": label}
+        if instance_id is not None:
+            filters["id"] = {"eq": int(instance_id)}
+        params = {"limit": LIST_PAGE_SIZE, "select_cols": json.dumps(["*"]),
+                  "order_by": json.dumps([{"col": "id", "dir": "asc"}])}
+        if filters:
+            params["select_filters"] = json.dumps(filters)
+        path, found, seen_tokens = "/instances/", [], set()
+        for page in range(LIST_MAX_PAGES):
+            try:
+                resp = self._request("GET", path, what="the instance list", idempotent=True, params=params, base=self.v1_url)
+            except VastAIError as exc:
+                if page == 0 and exc.kind == "not_found":
+                    return self._list_instances_v0(label=label, instance_id=instance_id)
+                raise
+            body = self._json(resp, "GET", path)
+            instances = body.get("instances")
+            if not isinstance(instances, list):
+                raise self._error("vast.ai's instance list answer has no instance list", kind="bad_response")
+            found.extend(i for i in instances if isinstance(i, dict))
+            token = body.get("next_token")
+            if not token:
+                return found
+            if token in seen_tokens:
+                raise self._error("vast.ai's instance list sent the same page token twice", kind="bad_response")
+            seen_tokens.add(token)
+            params["after_token"] = token
+        raise self._error(f"vast.ai's instance list has more than {LIST_MAX_PAGES} pages", kind="bad_response")
+
+    def _list_instances_v0(self, *, label=None, instance_id=None) -> list[dict]:
         path = "/instances/"
         resp = self._request("GET", path, what="the instance list", idempotent=True, params={"owner": "me"})
         body = self._json(resp, "GET", path)
         instances = body.get("instances")
         if not isinstance(instances, list):
             raise self._error("vast.ai's instance list answer has no instance list", kind="bad_response")
-        return [i for i in instances if isinstance(i, dict)]
+        return [i for i in instances if isinstance(i, dict) and (label is None or i.get("label") == label)
+                and (instance_id is None or i.get("id") == int(instance_id))]
 
     def destroy_instance(self, instance_id) -> bool:
         """Destroy an instance (billing stops). True if destroyed now, False if vast.ai no longer knows it."""

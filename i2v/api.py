@@ -31,7 +31,7 @@ def on_validation_error(request, exc):
     messages = []
     for err in exc.errors:
         field = _field_name(err.get("loc", ()))
-        msg = err.get("msg", "invalid value")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         messages.append(f"{field}: {msg}")
@@ -41,12 +41,15 @@ def on_validation_error(request, exc):
 
 @api.exception_handler(AuthenticationError)
 def on_auth_error(request, exc):
-    return api.create_response(
-        request,
-        {"detail": "Authentication required: send 'Authorization: Bearer <token>' (create one with "
-         "`python manage.py create_api_token USER`) or log in."},
-        status=401,
-    )
+    if request.headers.get("Authorization"):
+        detail = ("The Bearer token was not accepted: it is unknown or revoked. Send 'Authorization: Bearer <token>' "
+                  "with a current token (create one with `python manage.py create_api_token USER`).")
+    else:
+        detail = ("Authentication required: send 'Authorization: Bearer <token>' (create one with "
+                  "`python manage.py create_api_token USER`) or log in.")
+    response = api.create_response(request, {"detail": detail}, status=401)
+    response["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 @api.exception_handler(HttpError)

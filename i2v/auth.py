@@ -13,9 +13,19 @@ class TokenAuth(HttpBearer):
         return user
 
 
+class CsrfSessionAuth(SessionAuth):
+    """The browser session, with Django's CSRF check on unsafe methods, for requests that have a
+    logged-in session only: a script without a (valid) token gets the 401 that says so, not
+    a "CSRF check Failed" about a cookie it never had."""
+
+    def __call__(self, request):
+        if not request.user.is_authenticated:
+            return None
+        return super().__call__(request)
+
+
 token_auth = TokenAuth()
-# Browser session, with Django's CSRF check on unsafe methods.
-session_auth = SessionAuth(csrf=True)
+session_auth = CsrfSessionAuth(csrf=True)
 API_AUTH = [token_auth, session_auth]
 
 

@@ -215,6 +215,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
 VASTAI_API_KEY = env("VASTAI_API_KEY")
 VASTAI_API_URL = env("VASTAI_API_URL", "https://console.vast.ai/api/v0").rstrip("/")
 VASTAI_RETRY_BACKOFF = env_float("VASTAI_RETRY_BACKOFF", 0.5)
+# vast.ai's per-endpoint minimum intervals between calls are multiplied by this (0: not spaced).
+VASTAI_PACE_SCALE = env_float("VASTAI_PACE_SCALE", 1.0)
 FAL_KEY = env("FAL_KEY")
 FAL_QUEUE_URL = env("FAL_QUEUE_URL", "https://queue.fal.run").rstrip("/")
 FAL_ENDPOINT = env("FAL_ENDPOINT", "fal-ai/wan/v2.2-a14b/image-to-video")
@@ -223,6 +225,10 @@ I2V_FAL_POLL_SECONDS = env_float("I2V_FAL_POLL_SECONDS", 2.0)
 I2V_MAX_WAITING = env_int("I2V_MAX_WAITING", 20)  # jobs waiting at once; more → 429
 I2V_MAX_RUNNING = env_int("I2V_MAX_RUNNING", 4)  # jobs bound to a GPU (or fal.ai) at once
 I2V_FAL_DAILY_USD = env_float("I2V_FAL_DAILY_USD", 10.0)  # fal.ai spend per user per day (UTC)
+# fal.ai may keep a request queued this long before dropping it (sent as its start timeout), and a
+# run may take this long: the input image URL handed to fal is valid for both together.
+I2V_FAL_START_TIMEOUT = env_int("I2V_FAL_START_TIMEOUT", 3 * 3600)
+I2V_FAL_RUN_SECONDS = env_int("I2V_FAL_RUN_SECONDS", 3600)
 # Where fal.ai can reach this server for webhooks (e.g. https://i2v.example.com); unset → polling.
 I2V_PUBLIC_URL = env("I2V_PUBLIC_URL").rstrip("/")
 COMFYUI_URL = env("COMFYUI_URL")

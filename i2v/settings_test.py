@@ -6,6 +6,8 @@ import tempfile
 os.environ.setdefault("I2V_DATA_DIR", tempfile.mkdtemp(prefix="i2v-test-"))
 # django-q2 reads Q_CLUSTER once at import: a test-only queue name keeps Redis tidy.
 os.environ.setdefault("I2V_Q_NAME", "i2v-test")
+# vast.ai's minimum intervals between calls, a thousand times shorter: the doubles have no limits.
+os.environ.setdefault("VASTAI_PACE_SCALE", "0.001")
 
 from i2v.settings import *  # noqa: E402,F401,F403
 from i2v.settings import DATA_DIR, DATABASES, Q_CLUSTER  # noqa: E402

@@ -16,3 +16,6 @@ urlpatterns = [
     path("", include("generation.urls")),
     path("gpu/", include("gpu.urls")),
 ]
+
+handler404 = "i2v.views.not_found"
+handler500 = "i2v.views.server_error"

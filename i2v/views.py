@@ -1,6 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.core.cache import cache
-from django.http import HttpResponse
+from django.http import HttpResponse, JsonResponse
+from django.views import defaults
 
 LOGIN_ATTEMPTS = 10
 LOGIN_WINDOW = 300
@@ -32,3 +33,21 @@ class RateLimitedLoginView(auth_views.LoginView):
         except ValueError:
             cache.set(key, 1, LOGIN_WINDOW)
         return super().form_invalid(form)
+
+
+def _is_api(request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def not_found(request, exception=None):
+    """404: JSON under /api/ (scripts parse it), Django's page elsewhere."""
+    if _is_api(request):
+        return JsonResponse({"detail": f"No such API path: {request.method} {request.path} (see /api/docs)."}, status=404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request):
+    """500: JSON under /api/, Django's page elsewhere."""
+    if _is_api(request):
+        return JsonResponse({"detail": "Internal server error; the server log has the details."}, status=500)
+    return defaults.server_error(request)

@@ -59,6 +59,11 @@ the test thread):
   it for POSTs (5xx on submit).
 - ``deliver_webhooks``: POST webhooks (only to loopback hosts; others are recorded
   as skipped).
+- ``unserialisable_payload``: successful webhooks carry ``"payload": null`` and a
+  ``payload_error``, as fal sends when it cannot serialise the output (the result URL
+  still serves it).
+- ``fail_submit(times=2, status=429, body='{"detail": "Rate limit exceeded"}')``: fal did not
+  queue the next two submissions (408, 409 and 429 mean "try again").
 
 Observation: ``requests`` (method, path, query, headers), ``submissions``
 (request_id -> input JSON), ``webhook_deliveries``, ``count(method, pattern)``,
@@ -220,6 +225,7 @@ class FalDouble(LoopServer):
         hang_paths=(),
         deliver_webhooks=True,
         inference_time=2.5,
+        unserialisable_payload=False,
     ):
         self.key = key
         self.endpoints = dict(DEFAULT_ENDPOINTS if endpoints is None else endpoints)
@@ -238,6 +244,7 @@ class FalDouble(LoopServer):
         self.hang_paths = set(hang_paths)
         self.deliver_webhooks = deliver_webhooks
         self.inference_time = inference_time
+        self.unserialisable_payload = unserialisable_payload
 
         self._tiny = TINY_MP4.read_bytes()
 
@@ -496,7 +503,10 @@ class FalDouble(LoopServer):
 
     async def _deliver_webhook(self, req: _Request):
         outcome = req.outcome
-        if outcome["ok"]:
+        if outcome["ok"] and self.unserialisable_payload:
+            body = {"request_id": req.id, "gateway_request_id": req.gateway_id, "status": "OK", "payload": None,
+                    "payload_error": "Response payload could not be serialized to JSON"}
+        elif outcome["ok"]:
             body = {"request_id": req.id, "gateway_request_id": req.gateway_id, "status": "OK", "payload": outcome["payload"]}
         else:
             body = {"request_id": req.id, "gateway_request_id": req.gateway_id, "status": "ERROR",

@@ -45,9 +45,20 @@ Knobs (constructor keyword arguments and attributes; change them at any time):
 - ``fail_http(pattern, times=1, status=500, body=..., content_type=..., method=None)``:
   answer the next matching requests with that status and body (a dict body is JSON).
 - ``credit``: what ``GET /users/current/`` reports.
+- ``list_page_size`` (default 25, vast.ai's largest page): how many instances one page of
+  the v1 list (``GET /api/v1/instances/``, ``limit``, ``after_token`` → ``next_token``,
+  ``select_filters`` with ``eq`` on ``label`` or ``id``) holds.
+- ``v0_list_gone`` (default False): the deprecated v0 list answers 404; ``v1_list``
+  (default True): False makes the v1 list answer 404, as an older vast.ai would.
+- ``lose_create_answers`` (default 0): the next N creates rent the machine, then answer
+  502 as a gateway that lost vast.ai's answer would.
+- ``fail_list_page(n, times=1, status=500)``: page ``n`` (1-based) of the v1 list fails.
+- ``heartbeat_gap(instance_id, seconds)``: the instance reports ``unknown`` for that many
+  seconds of the double's clock, then what it reported before; ``advance_clock(seconds)``
+  moves that clock on without sleeping.
 
 Patterns are fnmatch patterns on the path after ``/api/v0``, e.g. ``"/instances/*"``,
-``"/asks/*"``, ``"/bundles/"``.
+``"/asks/*"``, ``"/bundles/"``; v1 paths keep their prefix: ``"/api/v1/instances/"``.
 
 Observation: ``requests`` (method, path, query, headers, json), ``count(method, pattern)``,
 ``requests_to(method, pattern)``, ``instances`` (id -> the instance as the API shows
@@ -70,6 +81,7 @@ from multidict import CIMultiDict
 from tests.doubles.base import LoopServer
 
 API_PREFIX = "/api/v0"
+V1_PREFIX = "/api/v1"
 OPERATORS = {"eq", "neq", "gt", "lt", "gte", "lte", "in", "notin"}
 # Keys of the search body that are not filters.
 SEARCH_OPTIONS = {"order", "limit", "type", "allocated_storage", "disable_bundling", "extra_ids", "show_incompatible"}
@@ -199,6 +211,7 @@ class _Meta:
     api_key: str
     destroyed: bool = False
     pinned: bool = False
+    gap_until: float | None = None
     host_ports: dict = field(default_factory=dict)
 
 
@@ -267,6 +280,9 @@ class VastAIDouble(LoopServer):
         show_includes_ports=True,
         search_quota_exceeded=False,
         credit=25.0,
+        list_page_size=25,
+        v0_list_gone=False,
+        v1_list=True,
     ):
         self.api_key = api_key
         self.offers = copy.deepcopy(default_offers() if offers is None else list(offers))
@@ -281,6 +297,12 @@ class VastAIDouble(LoopServer):
         self.show_includes_ports = show_includes_ports
         self.search_quota_exceeded = search_quota_exceeded
         self.credit = credit
+        self.list_page_size = list_page_size
+        self.v0_list_gone = v0_list_gone
+        self.v1_list = v1_list
+        self._clock_offset = 0.0
+        self.lose_create_answers = 0
+        self._failing_pages: dict[int, list] = {}
 
         # One lock for all state: handlers never await while holding it.
         self._lock = threading.RLock()
@@ -329,6 +351,24 @@ class VastAIDouble(LoopServer):
             inst, meta = self._instances[int(instance_id)], self._meta[int(instance_id)]
             meta.pinned = True
             self._set_status(inst, status, status_msg)
+
+    def now(self) -> float:
+        """The double's clock (monotonic, moved on by advance_clock)."""
+        return time.monotonic() + self._clock_offset
+
+    def advance_clock(self, seconds):
+        with self._lock:
+            self._clock_offset += seconds
+
+    def heartbeat_gap(self, instance_id, seconds):
+        """The instance reports `unknown` for `seconds` of the double's clock, then what it reported before."""
+        with self._lock:
+            self._meta[int(instance_id)].gap_until = self.now() + seconds
+
+    def fail_list_page(self, page, *, times=1, status=500):
+        """Page `page` (1-based) of the v1 list answers `status` the next `times` times it is asked for."""
+        with self._lock:
+            self._failing_pages[int(page)] = [times, status]
 
     def update_instance(self, instance_id, **fields):
         """Change fields of an instance as vast.ai would report them (e.g. gpu_util=97.0)."""
@@ -442,6 +482,12 @@ class VastAIDouble(LoopServer):
     def _view(self, iid, *, with_ports):
         self._refresh(iid)
         view = copy.deepcopy(self._instances[iid])
+        meta = self._meta[iid]
+        if meta.gap_until is not None and not meta.destroyed:
+            if self.now() < meta.gap_until:
+                view.update(actual_status="unknown", status_msg="Instance status unknown", gpu_util=None, gpu_temp=None)
+                return view
+            meta.gap_until = None
         if with_ports and view["actual_status"] == "running":
             view["ports"] = {
                 f"{port}/tcp": [{"HostIp": "0.0.0.0", "HostPort": self._host_port(iid, port)},
@@ -472,6 +518,8 @@ class VastAIDouble(LoopServer):
         for method, path, handler in routes:
             app.router.add_route(method, API_PREFIX + path, handler)
             app.router.add_route(method, API_PREFIX + path.rstrip("/"), handler)
+        app.router.add_route("GET", V1_PREFIX + "/instances/", self._list_v1)
+        app.router.add_route("GET", V1_PREFIX + "/instances", self._list_v1)
 
     @web.middleware
     async def _middleware(self, request, handler):
@@ -611,6 +659,9 @@ class VastAIDouble(LoopServer):
             if body.get("target_state") == "stopped":
                 inst.update(intended_status="stopped", cur_state="stopped", next_state="stopped")
                 self._set_status(inst, "stopped")
+            if self.lose_create_answers > 0:
+                self.lose_create_answers -= 1
+                return web.Response(status=502, text="502 Bad Gateway")
         return web.json_response({"success": True, "new_contract": iid, "instance_api_key": meta.api_key})
 
     def _validate_create(self, body) -> dict:
@@ -736,9 +787,41 @@ class VastAIDouble(LoopServer):
         return web.json_response({"instances": [view] if self.show_shape == "list" else view})
 
     async def _list(self, request):
+        if self.v0_list_gone:
+            return web.json_response({"detail": "Not Found"}, status=404)
         with self._lock:
             views = [self._view(iid, with_ports=True) for iid in sorted(self._instances) if self._live(iid)]
         return web.json_response({"instances": views})
+
+    async def _list_v1(self, request):
+        """The paginated v1 list: `limit` (at most 25), `after_token` → `next_token`, `select_filters`."""
+        if not self.v1_list:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        query = request.rel_url.query
+        try:
+            limit = min(int(query.get("limit", 25)), 25, self.list_page_size)
+            filters = json.loads(query.get("select_filters") or "{}")
+            after = int(query["after_token"].removeprefix("tok-")) if query.get("after_token") else None
+        except (ValueError, AttributeError):
+            return _json_error(400, "invalid_args", "error 400/3467: limit, select_filters or after_token is malformed")
+        if not isinstance(filters, dict) or any(k not in ("label", "id", "actual_status", "gpu_name") or not isinstance(v, dict)
+                                                or set(v) - {"eq"} for k, v in filters.items()):
+            return _json_error(400, "invalid_args", "error 400/3467: only stored columns can be filtered, with eq")
+        with self._lock:
+            views = [self._view(iid, with_ports=True) for iid in sorted(self._instances) if self._live(iid)]
+            views = [v for v in views if all(v.get(k) == spec["eq"] for k, spec in filters.items())]
+            total = len(views)
+            if after is not None:
+                views = [v for v in views if v["id"] > after]
+            page = 1 + (total - len(views)) // max(1, limit)
+            failing = self._failing_pages.get(page)
+            if failing and failing[0] > 0:
+                failing[0] -= 1
+                return web.Response(status=failing[1], text="500 Internal Server Error")
+            chunk = views[:limit]
+        more = len(views) > limit
+        return web.json_response({"success": True, "instances_found": len(chunk), "total_instances": total,
+                                  "next_token": f"tok-{chunk[-1]['id']}" if more else None, "instances": chunk})
 
     async def _manage(self, request):
         iid = self._instance_id(request)

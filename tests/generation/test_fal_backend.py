@@ -168,3 +168,46 @@ def test_fal_spend_per_user_per_day_holds_jobs_back(fal, user, settings):
     assert job.place == "fal"
 
 
+def test_fal_job_survives_two_429s_on_submit_and_a_webhook_without_payload(fal, user, settings, live_server):
+    settings.I2V_PUBLIC_URL = live_server.url
+    fal.queue_polls, fal.queue_seconds, fal.run_seconds = None, 0.0, 0.05  # done by the clock; the webhook tells us
+    fal.unserialisable_payload = True
+    fal.fail_submit(times=2, status=429, body='{"detail": "Rate limit exceeded"}')
+    job = fal_job(user)
+
+    runner.advance(job.id, deadline=0)  # submits: two 429s, then queued
+
+    job.refresh_from_db()
+    assert job.status in (S.SUBMITTED, S.RUNNING) and job.request_id and job.error == ""
+    assert fal.count("POST", "/fal-ai/wan/*") == 3 and list(fal.submissions) == [job.request_id]
+    fal.wait_for(lambda f: f.webhook_deliveries)
+    delivery = fal.webhook_deliveries[0]
+    assert delivery["body"]["payload"] is None and delivery["status"] == 200, delivery
+    job.refresh_from_db()
+    assert job.status in (S.SUBMITTED, S.RUNNING)  # a paid-for success is not failed for a missing payload
+
+    job = run_to_end(job)  # the worker fetches the result from response_url
+    assert job.status == S.COMPLETED, job.error
+    assert default_storage.open(job.video.name).read() == fal.output_bytes()
+    assert fal.count("GET", f"/fal-ai/wan/requests/{job.request_id}") == 1
+
+
+def test_fal_input_image_url_outlives_the_queue_wait_and_the_run(fal, user, settings, s3_server):
+    from urllib.parse import parse_qs, urlsplit
+
+    import httpx
+
+    settings.R2_BUCKET = "videos"
+    settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {
+        "bucket_name": "videos", "endpoint_url": s3_server, "region_name": "auto", "access_key": "k",
+        "secret_key": "s", "file_overwrite": False, "default_acl": None}}}
+    job = fal_job(user)
+
+    runner.advance(job.id, deadline=0)
+
+    job.refresh_from_db()
+    sent = fal.submissions[job.request_id]["image_url"]
+    assert int(parse_qs(urlsplit(sent).query)["X-Amz-Expires"][0]) == 4 * 3600  # 3 h in fal's queue at most, 1 h to run
+    assert httpx.get(sent).content == default_storage.open(job.input_image.name).read()
+    submit = next(r for r in fal.requests if r.method == "POST")
+    assert submit.headers["X-Fal-Request-Timeout"] == str(3 * 3600)  # fal drops it rather than start it after that

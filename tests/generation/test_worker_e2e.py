@@ -24,24 +24,50 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
 
 
 @pytest.fixture
-def worker(request):
-    env = dict(os.environ)
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
-        "I2V_DATA_DIR": str(settings.DATA_DIR),
-        "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
-        "I2V_Q_NAME": settings.Q_CLUSTER["name"],
-        # A test may ask for more worker processes (indirect parametrize): one follows each running job.
-        "I2V_WORKERS": str(getattr(request, "param", 2)),
-    })
-    proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def start_worker():
+    """start(**env) runs `manage.py qcluster` on the test database with these extra environment variables."""
+    procs = []
+
+    def start(**extra):
+        env = dict(os.environ)
+        env.update({
+            "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
+            "I2V_DATA_DIR": str(settings.DATA_DIR),
+            "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+            "I2V_Q_NAME": settings.Q_CLUSTER["name"],
+            "I2V_WORKERS": "2",
+        })
+        env.update({key: str(value) for key, value in extra.items()})
+        proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def worker(request, start_worker):
+    # A test may ask for more worker processes (indirect parametrize): one follows each running job.
+    return start_worker(I2V_WORKERS=getattr(request, "param", 2))
+
+
+def wait_for_status(api, job_id, timeout=60) -> dict:
+    """Poll the job through the API, as a script would, until it is finished."""
+    end = time.monotonic() + timeout
+    body = {}
+    while time.monotonic() < end:
+        body = api.get(f"/api/jobs/{job_id}").json()
+        if body["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    return body
 
 
 def test_api_job_runs_on_the_worker_and_serves_the_video(api, worker):
@@ -57,13 +83,7 @@ def test_api_job_runs_on_the_worker_and_serves_the_video(api, worker):
         resp = api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
         assert resp.status_code == 202
         job_id = resp.json()["id"]
-        end = time.monotonic() + 60
-        body = {}
-        while time.monotonic() < end:  # polling the API like a script would
-            body = api.get(f"/api/jobs/{job_id}").json()
-            if body["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.2)
+        body = wait_for_status(api, job_id)
         assert body["status"] == "completed", (body, worker.poll())
         assert comfy.count("POST", "/prompt") == 1
         video = api.get(body["video_url"])
@@ -113,3 +133,34 @@ def test_the_worker_spreads_jobs_over_two_comfyuis_fairly_between_users(api, cli
         # Bob's one job was placed before the fifth of Alice's (four fill the two GPUs' slots).
         bound = sorted(jobs.values(), key=lambda j: j.bound_at)
         assert bound.index(jobs[bob_job]) < bound.index(jobs[alice_jobs[4]])
+
+
+def test_fal_job_through_two_429s_and_a_webhook_without_payload_completes_on_the_worker(
+        api, start_worker, settings, live_server):
+    import io
+
+    from django.core.files.storage import default_storage
+
+    from tests.doubles.fal import FalDouble
+
+    # fal queues the request on the third try, runs it for half a second, then calls the webhook
+    # with `payload: null`; the worker polls every 2 s.
+    with FalDouble(queue_polls=None, queue_seconds=0.0, run_seconds=0.5, unserialisable_payload=True) as fal:
+        fal.fail_submit(times=2, status=429, body='{"detail": "Rate limit exceeded"}')
+        settings.FAL_KEY, settings.FAL_QUEUE_URL = fal.key, fal.url
+        worker = start_worker(FAL_KEY=fal.key, FAL_QUEUE_URL=fal.url, I2V_PUBLIC_URL=live_server.url,
+                              I2V_FAL_POLL_SECONDS=2)
+        image = io.BytesIO(png_bytes())
+        image.name = "in.png"
+        resp = api.post("/api/generate-video", data={"prompt": "waves", "backend": "fal", "image": image}, json=False)
+        assert resp.status_code == 202, resp.content
+
+        body = wait_for_status(api, resp.json()["id"])
+
+        assert body["status"] == "completed", (body, worker.poll())
+        assert fal.count("POST", "/fal-ai/wan/*") == 3 and len(fal.submissions) == 1
+        fal.wait_for(lambda f: f.webhook_deliveries)
+        delivery = fal.webhook_deliveries[0]
+        assert delivery["body"]["payload"] is None and delivery["status"] == 200, delivery
+        job = VideoJob.objects.get(pk=body["id"])
+        assert default_storage.open(job.video.name).read() == fal.output_bytes()

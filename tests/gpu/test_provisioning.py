@@ -1,6 +1,7 @@
 """Renting, booting, destroying and reconciling vast.ai GPUs (gpu.offers, gpu.onstart, gpu.lifecycle,
 gpu.reconciler), against the vast.ai and ComfyUI doubles over HTTP."""
 
+import json
 import logging
 import subprocess
 from datetime import timedelta
@@ -13,7 +14,7 @@ from generation.models import Workflow
 from gpu.models import ModelFile
 from gpu import lifecycle, onstart, reconciler, tasks
 from gpu import offers as vast_offers
-from gpu.models import BadMachine, GpuConfig, VastInstance
+from gpu.models import ApiPace, BadMachine, GpuConfig, VastInstance
 from gpu.vastai import ENV_VALUE_MAX, ONSTART_MAX
 from tests.conftest import free_port
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
@@ -282,7 +283,7 @@ def test_ports_come_from_the_list_when_the_by_id_answer_lacks_them(policy, vast,
 
     ready = boot_to_ready(instance, vast, comfy)
 
-    assert ready.comfyui_url == f"http://127.0.0.1:{comfy.port}" and vast.count("GET", "/instances/") >= 1
+    assert ready.comfyui_url == f"http://127.0.0.1:{comfy.port}" and vast.count("GET", "/api/v1/instances/") >= 1
 
 
 def test_instance_that_exits_is_destroyed_and_replaced_on_another_machine(policy, vast):
@@ -449,6 +450,72 @@ def test_reconcile_destroys_unknown_and_known_destroyed_rentals_and_marks_vanish
         client.destroy_instance(foreign)
 
 
+def _strays(vast, count, label="i2v:00000000-0000-0000-0000-000000000000") -> list[int]:
+    """Rentals the database does not know, made behind the app's back."""
+    offers = [vast.add_offer(7390000 + len(vast.offers) + n, "RTX 3060", 2.5)["id"] for n in range(count)]
+    with lifecycle.vast_client() as client:
+        return [client.create_instance(offer, image="x", disk_gb=10, env={}, onstart="", label=label)["id"] for offer in offers]
+
+
+def test_reconcile_reads_every_page_of_the_v1_list_when_v0_is_gone(policy, vast, comfy):
+    vast.v0_list_gone, vast.list_page_size = True, 2
+    policy.max_instances = 3
+    policy.save()
+    ours = [boot_to_ready(rent(), vast, comfy) for _ in range(3)]
+    strays = _strays(vast, 2)
+    long_ago = timezone.now() - timedelta(minutes=5)
+    VastInstance.objects.filter(pk__in=[i.pk for i in ours]).update(created_at=long_ago)
+
+    report = reconciler.reconcile()
+
+    assert sorted(report["destroyed"]) == sorted(strays) and report["marked_gone"] == []  # 5 instances, 3 pages
+    assert sorted(live_vast_ids(vast)) == sorted(i.vast_id for i in ours)
+    assert set(VastInstance.objects.values_list("state", flat=True)) == {I.RUNNING}
+    pages = vast.requests_to("GET", "/api/v1/instances/")
+    assert len(pages) == 3 and [p.query.get("after_token") for p in pages][0] is None
+    assert vast.count("GET", "/instances/") == 0
+
+
+def test_reconcile_changes_nothing_when_a_page_of_the_list_fails(policy, vast, comfy):
+    vast.list_page_size = 2
+    policy.max_instances = 3
+    policy.save()
+    ours = [boot_to_ready(rent(), vast, comfy) for _ in range(3)]
+    stray = _strays(vast, 1)
+    VastInstance.objects.update(created_at=timezone.now() - timedelta(minutes=5))
+    vast.fail_list_page(2, times=10)  # page 2 (our third instance and the stray) cannot be read
+
+    with pytest.raises(lifecycle.ProvisioningError) as err:
+        reconciler.reconcile()
+
+    assert err.value.transient and "Listing vast.ai instances failed" in str(err.value)
+    assert set(VastInstance.objects.values_list("state", flat=True)) == {I.RUNNING}  # none believed gone
+    assert sorted(live_vast_ids(vast)) == sorted([i.vast_id for i in ours] + stray)
+    vast.fail_list_page(2, times=0)
+    assert reconciler.reconcile()["destroyed"] == stray
+
+
+def test_the_v0_list_is_read_only_when_vast_has_no_v1_list(policy, vast):
+    vast.v1_list = False
+    stray = _strays(vast, 1)
+
+    assert reconciler.reconcile()["destroyed"] == stray
+    assert vast.count("GET", "/api/v1/instances/") == 1 and vast.count("GET", "/instances/") == 1
+
+
+def test_adopting_a_lost_rental_asks_for_its_label_only(policy, vast, queued):
+    foreign = _strays(vast, 1, label="someone-elses-box")
+    vast.lose_create_answers = 1  # vast.ai rents the machine, but its answer never arrives
+
+    instance = rent()
+
+    assert instance.vast_id in live_vast_ids(vast) and instance.state == I.CREATING
+    lookups = vast.requests_to("GET", "/api/v1/instances/")
+    assert [json.loads(r.query["select_filters"]) for r in lookups] == [{"label": {"eq": instance.label}}]
+    with lifecycle.vast_client() as client:
+        client.destroy_instance(foreign[0])
+
+
 def test_reconcile_adopts_a_rental_whose_answer_was_lost(policy, vast, queued):
     vast.fail_http("/asks/*", status=502, body="bad gateway")  # the rental happens, the answer is lost...
     with pytest.raises(lifecycle.ProvisioningError):
@@ -500,3 +567,18 @@ def test_tasks_do_nothing_without_an_api_key(settings, db):
     settings.VASTAI_API_KEY = ""
 
     assert tasks.reconcile() == "vast.ai is not configured"
+
+
+def test_calls_to_one_vast_endpoint_are_spaced_by_its_interval_across_clients(policy, vast, settings):
+    settings.VASTAI_PACE_SCALE = 0.05  # show: 2 s apart at vast.ai, 0.1 s here
+    instance = rent()
+    first, second = lifecycle.vast_client(), lifecycle.vast_client()  # they share nothing but the database
+
+    for client in (first, second, first, second):
+        client.show_instance(instance.vast_id)
+
+    times = [r.at for r in vast.requests_to("GET", "/instances/*")]
+    assert len(times) == 4 and min(b - a for a, b in zip(times, times[1:])) >= 0.1 * 0.95
+    assert ApiPace.objects.get(endpoint="show").next_at > 0
+    first.close()
+    second.close()

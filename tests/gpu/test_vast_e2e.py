@@ -20,11 +20,22 @@ from gpu import tasks as gpu_tasks
 from gpu.models import GpuConfig, VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
 from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids
+from tests.generation.test_worker_e2e import start_worker  # noqa: F401 (fixture)
 from tests.helpers import png_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 S = VideoJob.Status
 I = VastInstance.State
+
+
+def run_to_end(job, slices=30) -> VideoJob:
+    """Run the job's task slice after slice, as the worker would, until it is finished."""
+    for _ in range(slices):
+        job_tasks.run_job(str(job.id))
+        job.refresh_from_db()
+        if job.is_terminal:
+            break
+    return job
 
 
 def smoke_job(owner) -> VideoJob:
@@ -90,11 +101,7 @@ def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_de
     assert job.place == f"vast:{instance.pk}" and job.instance == instance
 
     # The job runs on it, with the instance's password, and completes.
-    for _ in range(30):
-        job_tasks.run_job(str(job.id))
-        job.refresh_from_db()
-        if job.is_terminal:
-            break
+    job = run_to_end(job)
     assert job.status == S.COMPLETED, job.error
     assert job.instance == instance and job.comfyui_url == instance.comfyui_url and job.note == ""
     assert comfy.prompt_posts[job.prompt_id] == 1
@@ -167,3 +174,104 @@ def test_a_job_waiting_for_a_gpu_can_be_cancelled(vast_settings, vast, queued, u
 
     assert job.status == S.CANCELLED and job_tasks.run_job(str(job.id)) == "busy-or-finished"
     assert VastInstance.objects.get().state == I.CREATING  # it boots on; unused, the scheduler destroys it when idle
+
+
+def test_a_heartbeat_gap_while_running_a_job_keeps_the_instance_and_the_job_completes(
+        vast_settings, vast, comfy, queued, user):
+    import threading
+
+    from gpu import reconciler
+    from tests.gpu.vast_helpers import boot_to_ready, rent
+
+    sync_shipped_workflows(Workflow, ModelFile)
+    config = GpuConfig.get()
+    config.gpu_provider, config.default_workflow = "vastai", "smoke"
+    config.save()
+    instance = boot_to_ready(rent(), vast, comfy)
+    VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=5))
+    comfy.hold = threading.Event()  # the run goes on until the test lets it finish
+    job = smoke_job(user)
+    assert job_tasks.schedule().startswith("bound 1")  # placed on the ready instance
+    assert job_tasks.run_job(str(job.id)) == "continued"
+    job.refresh_from_db()
+    assert job.instance == instance and job.status in (S.SUBMITTED, S.RUNNING)
+
+    vast.heartbeat_gap(instance.vast_id, 60)  # vast.ai loses the machine's heartbeat for a minute
+    start = timezone.now()
+    assert gpu_tasks.reconcile() == "nothing to do"
+    vast.advance_clock(59)
+    assert reconciler.reconcile(now=start + timedelta(seconds=59))["retried"] == []
+    instance.refresh_from_db()
+    assert instance.state == I.RUNNING and instance.unknown_since is not None
+    vast.advance_clock(2)  # the heartbeat is back
+    assert reconciler.reconcile(now=start + timedelta(seconds=61))["retried"] == []
+    instance.refresh_from_db()
+    assert instance.state == I.RUNNING and instance.unknown_since is None
+
+    comfy.hold.set()
+    vast_settings.I2V_FOLLOW_SLICE = 2
+    job = run_to_end(job)
+    assert job.status == S.COMPLETED, job.error
+    assert default_storage.exists(job.video.name) and live_vast_ids(vast) == [instance.vast_id]
+
+    # A gap that outlasts the grace is a dead machine: destroyed, as before.
+    vast.heartbeat_gap(instance.vast_id, 3600)
+    later = timezone.now()
+    reconciler.reconcile(now=later)
+    report = reconciler.reconcile(now=later + timedelta(seconds=reconciler.UNKNOWN_GRACE))
+    instance.refresh_from_db()
+    assert report["retried"] == [instance.vast_id] and instance.state == I.FAILED
+    assert "went unknown while in use" in instance.error and live_vast_ids(vast) == []
+
+
+@pytest.mark.slow_start
+def test_a_minute_without_heartbeat_does_not_cost_the_job_on_the_worker(
+        settings, vast, comfy, api, start_worker, monkeypatch):
+    """The same through a real qcluster: the worker runs the job while vast.ai reports the
+    instance `unknown` for a minute; the reconciler keeps it and the job completes."""
+    import io
+    import threading
+    import time
+
+    from gpu import lifecycle, reconciler
+    from tests.generation.test_worker_e2e import wait_for_status
+    from tests.gpu.vast_helpers import boot_to_ready
+
+    settings.VASTAI_API_KEY, settings.VASTAI_API_URL, settings.VASTAI_PACE_SCALE = vast.api_key, vast.url, 0.001
+    settings.R2_BUCKET = ""
+    monkeypatch.setattr("django_q.tasks.async_task", lambda *a, **kw: None)  # the rental's wait task: the test boots it
+    sync_shipped_workflows(Workflow, ModelFile)
+    config = GpuConfig.get()
+    config.gpu_provider, config.default_workflow = "vastai", "smoke"
+    config.save()
+    instance = boot_to_ready(lifecycle.create_instance(), vast, comfy)
+    VastInstance.objects.filter(pk=instance.pk).update(created_at=timezone.now() - timedelta(minutes=5))
+    monkeypatch.undo()  # from here on jobs go to the worker's queue
+    comfy.hold = threading.Event()  # the run goes on until the test lets it finish
+    worker = start_worker(VASTAI_API_KEY=vast.api_key, VASTAI_API_URL=vast.url, VASTAI_PACE_SCALE=0.001)
+    image = io.BytesIO(png_bytes())
+    image.name = "in.png"
+    resp = api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
+    assert resp.status_code == 202, resp.content
+    job_id = resp.json()["id"]
+    end = time.monotonic() + 60
+    while not comfy.prompt_posts and time.monotonic() < end:  # the worker has submitted it to the instance
+        time.sleep(0.1)
+    assert comfy.prompt_posts, worker.poll()
+
+    vast.heartbeat_gap(instance.vast_id, 60)
+    start = timezone.now()
+    assert reconciler.reconcile(now=start)["retried"] == []
+    vast.advance_clock(59)
+    assert reconciler.reconcile(now=start + timedelta(seconds=59))["retried"] == []
+    instance.refresh_from_db()
+    assert instance.state == I.RUNNING and instance.unknown_since is not None
+    vast.advance_clock(2)
+    comfy.hold.set()
+
+    body = wait_for_status(api, job_id)
+
+    assert body["status"] == "completed", (body, worker.poll())
+    assert body["instance_id"] == str(instance.id) and live_vast_ids(vast) == [instance.vast_id]
+    lifecycle.destroy_instance(instance, "test teardown")
+    assert live_vast_ids(vast) == []

@@ -29,7 +29,7 @@ def vast():
 
 @pytest.fixture
 def client(vast):
-    with VastAIClient(vast.api_key, vast.url, backoff=0.01, read_timeout=5) as c:
+    with VastAIClient(vast.api_key, vast.url, backoff=0.01, read_timeout=5, pace_scale=0.001) as c:
         yield c
 
 
@@ -256,38 +256,38 @@ def test_destroy_instance_retries_after_rate_limit(client, vast):
 def test_retry_waits_at_least_retry_after(client, vast):
     waits = []
     client._sleep = waits.append
-    vast.rate_limit("/instances/", times=1, retry_after=3)
+    vast.rate_limit("/api/v1/instances/", times=1, retry_after=3)
 
     assert client.list_instances() == []
     assert waits == [3.0]
 
 
 def test_retry_after_longer_than_the_cap_is_raised_with_the_wait(vast):
-    vast.rate_limit("/instances/", times=1, retry_after=120)
+    vast.rate_limit("/api/v1/instances/", times=1, retry_after=120)
     with VastAIClient(vast.api_key, vast.url, backoff=0.01, max_retry_wait=30) as client:
         with pytest.raises(VastAIError) as info:
             client.list_instances()
 
     assert info.value.kind == "rate_limited" and info.value.retry_after == 120
     assert "120s" in str(info.value)
-    assert vast.count("GET", "/instances/") == 1
+    assert vast.count("GET", "/api/v1/instances/") == 1
 
 
 def test_list_instances_gives_up_after_bounded_retries(client, vast):
-    vast.rate_limit("/instances/", times=10)
+    vast.rate_limit("/api/v1/instances/", times=10)
 
     with pytest.raises(VastAIError) as info:
         client.list_instances()
 
     assert info.value.kind == "rate_limited"
-    assert vast.count("GET", "/instances/") == 4  # 1 + retries=3
+    assert vast.count("GET", "/api/v1/instances/") == 4  # 1 + retries=3
 
 
 def test_gateway_error_then_success_is_retried(client, vast):
-    vast.fail_http("/instances/", status=503, body="upstream unavailable")
+    vast.fail_http("/api/v1/instances/", status=503, body="upstream unavailable")
 
     assert client.list_instances() == []
-    assert vast.count("GET", "/instances/") == 2
+    assert vast.count("GET", "/api/v1/instances/") == 2
 
 
 def test_wrong_api_key_says_so_without_the_key(vast):
@@ -299,7 +299,7 @@ def test_wrong_api_key_says_so_without_the_key(vast):
     assert info.value.kind == "auth" and info.value.status == 401
     assert str(info.value) == AUTH_MESSAGE
     assert key not in str(info.value) and key not in repr(client)
-    assert vast.count("GET", "/instances/") == 1
+    assert vast.count("GET", "/api/v1/instances/") == 1
 
 
 def test_api_key_goes_in_the_bearer_header_only(client, vast):
@@ -329,7 +329,7 @@ def test_unreachable_api_is_reported_with_the_url(vast):
 
 
 def test_non_json_answer_is_a_bad_response(client, vast):
-    vast.fail_http("/instances/", status=200, body="<html>maintenance</html>", content_type="text/html")
+    vast.fail_http("/api/v1/instances/", status=200, body="<html>maintenance</html>", content_type="text/html")
 
     with pytest.raises(VastAIError) as info:
         client.list_instances()
@@ -338,7 +338,7 @@ def test_non_json_answer_is_a_bad_response(client, vast):
 
 
 def test_retry_log_lines_never_contain_the_key(client, vast, caplog):
-    vast.rate_limit("/instances/", times=1)
+    vast.rate_limit("/api/v1/instances/", times=1)
 
     with caplog.at_level(logging.WARNING, logger="gpu.vastai"):
         client.list_instances()
@@ -490,3 +490,57 @@ def test_current_user_reports_credit(client):
 )
 def test_comfyui_url_of_only_when_running_with_a_mapped_port(instance, url):
     assert comfyui_url_of(instance) == url
+
+
+def test_a_429_without_retry_after_waits_the_endpoints_interval(vast):
+    client = VastAIClient(vast.api_key, vast.url, backoff=0.01)
+    waits = []
+    client._sleep = waits.append
+    iid = create(client)["id"]
+    vast.rate_limit("/instances/*", times=1, method="GET")
+    vast.rate_limit("/instances/*", times=1, method="DELETE", plain=True)
+
+    assert client.show_instance(iid)["id"] == iid
+    assert client.destroy_instance(iid) is True
+    assert waits == [2.0, 3.0]  # vast.ai's minimum intervals for show and destroy, not a blind 0.5 s
+
+
+def test_a_rate_limited_create_says_how_long_vast_asks_to_wait(vast):
+    client = VastAIClient(vast.api_key, vast.url)
+    vast.rate_limit("/asks/*", times=1)
+
+    with pytest.raises(VastAIError) as info:
+        create(client)
+
+    assert info.value.kind == "rate_limited" and info.value.retry_after == 12.0  # create's penalty
+    assert vast.count("PUT", "/asks/*") == 1 and vast.live_instances() == []
+
+
+def test_create_has_its_own_long_read_timeout(vast):
+    with VastAIClient(vast.api_key, vast.url, read_timeout=5) as client:
+        sent = []
+        real = client._http.request
+        client._http.request = lambda *a, **kw: sent.append(kw["timeout"]) or real(*a, **kw)
+        iid = create(client)["id"]
+        client.show_instance(iid)
+        client.destroy_instance(iid)
+
+    assert [t.read for t in sent] == [120.0, 5, 5]
+
+
+def test_the_direct_url_is_https_when_the_instance_serves_https(client, vast):
+    iid = create(client, env={**ENV, "ENABLE_HTTPS": "true"})["id"]
+    vast.advance(iid, "running")
+
+    info = client.show_instance(iid)
+
+    assert comfyui_url_of(info) == "https://127.0.0.1:18188" and portal_url_of(info) == "https://127.0.0.1:11111"
+    client.destroy_instance(iid)
+
+
+def test_an_instance_without_https_keeps_the_plain_direct_url(client, vast):
+    iid = create(client)["id"]
+    vast.advance(iid, "running")
+
+    assert comfyui_url_of(client.show_instance(iid)) == "http://127.0.0.1:18188"
+    client.destroy_instance(iid)

@@ -43,6 +43,7 @@ def vast_settings(db, settings, vast, queued):
     settings.VASTAI_API_KEY = vast.api_key
     settings.VASTAI_API_URL = vast.url
     settings.VASTAI_RETRY_BACKOFF = 0.01
+    settings.VASTAI_PACE_SCALE = 0.001  # vast.ai's intervals, a thousand times shorter
     settings.I2V_FOLLOW_SLICE = 0  # one step per task call: tests drive the clock, nobody sleeps
     settings.R2_BUCKET = ""
     settings.R2_ENDPOINT_URL = ""

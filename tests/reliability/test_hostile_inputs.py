@@ -158,7 +158,7 @@ def test_nul_in_idempotency_key_is_rejected(api, nothing_stored):
     ("http://169.254.169.254/latest/meta-data/iam/", "link-local"),
     ("http://[fe80::1]/", "link-local"),
     ("http://[::ffff:169.254.169.254]/", "link-local"),
-    ("http://2852039166/", "link-local"),        # 169.254.169.254 as one decimal number
+    ("http://2852039166/", "four decimal numbers"),  # 169.254.169.254 as one decimal number
     ("ftp://example.com/a.png", "http"),
     ("javascript:alert(1)", "http"),
 ])

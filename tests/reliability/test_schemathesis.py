@@ -2,7 +2,7 @@
 with a valid staff token (so every route reaches its real code), no generated request may
 get a 5xx answer. vast.ai is configured against its double (unconfigured, its routes
 answer a documented 503). Bounded (`MAX_EXAMPLES` per operation) so it stays well under a minute in CI;
-`make test-long` runs 300 fresh examples per operation (`I2V_FUZZ_EXAMPLES_LONG`)."""
+`make test-long` runs 1000 fresh examples per operation (`I2V_FUZZ_EXAMPLES_LONG`)."""
 
 import os
 import socket
@@ -71,7 +71,7 @@ def check_no_5xx(case, token):
 
 @pytest.mark.slow
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("I2V_FUZZ_EXAMPLES_LONG", "300")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("I2V_FUZZ_EXAMPLES_LONG", "1000")), deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 def test_api_never_answers_5xx_long(case, fuzz_token):
     """The long variant (`make test-long`): more examples, and new ones on every run (not
