@@ -99,6 +99,12 @@ class GenerateParams(BaseModel):
 
         return validate_service_url(value) if "://" in value else _raise("must be an http(s) URL")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_reachable(cls, value):
+        # Refused now rather than at the job's end; the delivery checks again when it connects.
+        return netguard.check_url(value) if value else value
+
 
 def _raise(message):
     raise ValueError(message)
