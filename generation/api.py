@@ -16,7 +16,10 @@ from generation import domain, jobcache
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
+from i2v.throttles import generate_rate
 
+# One budget for both generate routes.
+GENERATE_RATE = generate_rate()
 router = Router(tags=["generation"])
 RENDERER = JSONRenderer()  # the NinjaAPI's own renderer (its default), for answers rendered once and cached
 
@@ -146,6 +149,7 @@ class Error(Schema):
 
 
 @router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+             throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
@@ -154,6 +158,7 @@ def generate_video(request):
 
 
 @router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 415: Error, 422: Error, 429: Error},
+             throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 def vastai_generate_video(request):
     """Uses the configured ComfyUI URL, else a ready vast.ai instance."""
