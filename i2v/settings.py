@@ -345,5 +345,7 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
         "websockets": {"level": "WARNING"},
+        # Every failed login at INFO; lockouts stay at WARNING.
+        "axes": {"level": "WARNING"},
     },
 }

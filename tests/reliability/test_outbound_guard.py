@@ -143,6 +143,9 @@ def test_webhook_delivery_rechecks_at_send_time(user, fence, rebinding, settings
     """A webhook host that pointed at loopback when the job was made and at the metadata address
     when the job ends: the delivery is refused, recorded with the reason, and nothing connects."""
     from generation import webhooks
+    from i2v.models import WebhookSecret
+
+    WebhookSecret.rotate(user)
     rebinding(first=METADATA, later=METADATA)
     job = make_job(user, status=VideoJob.Status.COMPLETED, webhook_url="http://hooks.test:9/in")
     webhooks.deliver(str(job.id), 1)
