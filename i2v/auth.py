@@ -29,7 +29,7 @@ def client_address(request) -> str:
 def lockout_seconds(request, credentials=None) -> int:
     """Seconds until the lock on this username and address lifts (at least 1)."""
     cool_off = get_cool_off(request)
-    if cool_off is None:
+    if cool_off is None:  # no AXES_COOLOFF_TIME: locked until an admin unlocks; retry in an hour at the earliest
         return 3600
     username = (credentials or {}).get("username") or request.POST.get("username", "")
     last = (AccessAttempt.objects.filter(username=username, ip_address=client_address(request))

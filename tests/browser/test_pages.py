@@ -17,6 +17,7 @@ from generation.models import VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig, VastInstance
 from tests.browser.conftest import sample_image
+from tests.helpers import configured_comfyui
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.vastai import VastAIDouble
 
@@ -33,11 +34,7 @@ def workflows(db):
 
 @pytest.fixture
 def comfy(workflows):
-    with ComfyUIDouble() as double:
-        config = GpuConfig.get()
-        config.comfyui_url = double.url
-        config.gpu_provider = "local"
-        config.save()
+    with configured_comfyui() as double:
         yield double
 
 

@@ -1,6 +1,5 @@
 """A job's whole path against the ComfyUI double: submit once, follow, store, fail, cancel, recover."""
 
-import json
 import threading
 import time
 

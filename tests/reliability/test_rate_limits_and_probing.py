@@ -6,20 +6,14 @@ GPU is available but not where it is."""
 import pytest
 
 from generation.models import VideoJob
-from gpu.models import GpuConfig
-from tests.doubles.comfyui import ComfyUIDouble
 from tests.generation.test_generate_api import post_image
-from tests.helpers import png_bytes
+from tests.helpers import configured_comfyui, png_bytes
 from tests.reliability.test_hostile_inputs import enqueued  # noqa: F401 -- fixture
 
 
 @pytest.fixture
 def comfy(db):
-    with ComfyUIDouble() as double:
-        config = GpuConfig.get()
-        config.comfyui_url = double.url
-        config.gpu_provider = "local"
-        config.save()
+    with configured_comfyui() as double:
         yield double
 
 
