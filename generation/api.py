@@ -16,7 +16,7 @@ from generation import domain, jobcache
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
-from i2v.throttles import generate_rate
+from i2v.core.throttles import generate_rate
 
 # One budget for both generate routes.
 GENERATE_RATE = generate_rate()

@@ -12,7 +12,7 @@ from django.urls import reverse
 from generation import scheduler
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import UserQuota, VideoJob, Workflow
-from i2v.models import WebhookSecret
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 from generation import scheduler
 from generation.fal import FalClient, FalError, build_input, estimate_cost
 from generation.models import VideoJob
-from i2v.crypto import derive_key
+from i2v.core.crypto import derive_key
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status

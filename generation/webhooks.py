@@ -3,7 +3,7 @@
 Signed as the Standard Webhooks spec says (https://www.standardwebhooks.com), with the
 `standardwebhooks` library: headers `webhook-id` (the same on every retry of one event),
 `webhook-timestamp` and `webhook-signature`, an HMAC-SHA256 under the job owner's own `whsec_…`
-secret (i2v.models.WebhookSecret). During the 24 h after a rotation each delivery carries a
+secret (i2v.core.webhook_secrets). During the 24 h after a rotation each delivery carries a
 signature under the old secret and one under the new.
 """
 
@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from generation.models import VideoJob, WebhookDelivery
 from gpu import netguard
-from i2v.models import WebhookSecret
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5

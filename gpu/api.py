@@ -14,7 +14,7 @@ from gpu import domain
 from gpu.models import GpuConfig, VastInstance
 from gpu.netguard import BlockedURL
 from gpu.urls_check import split_token, validate_service_url
-from i2v.throttles import probe_rate
+from i2v.core.throttles import probe_rate
 
 router = Router(tags=["gpu"])
 # test-connection and health share one budget: both probe the network from the server.

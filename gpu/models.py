@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-from i2v.crypto import EncryptedTextField
+from i2v.core.crypto import EncryptedTextField
 
 
 class GpuConfig(models.Model):

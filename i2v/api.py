@@ -12,7 +12,7 @@ from ninja.responses import Status
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
 from i2v.auth import API_AUTH, LockedOut
-from i2v.models import WebhookSecret
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 

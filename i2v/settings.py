@@ -63,7 +63,7 @@ def _secret_key():
 
 SECRET_KEY = _secret_key()
 # Former secret keys, comma separated: sessions signed with them stay valid, and secrets encrypted
-# at rest under keys derived from them (i2v.crypto) can still be read after a key change.
+# at rest under keys derived from them (i2v.core.crypto) can still be read after a key change.
 SECRET_KEY_FALLBACKS = env_list("DJANGO_SECRET_KEY_FALLBACKS", "")
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")

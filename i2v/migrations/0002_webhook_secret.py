@@ -2,7 +2,7 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import i2v.crypto
+import i2v.core.crypto
 from django.conf import settings
 from django.db import migrations, models
 
@@ -19,7 +19,7 @@ class Migration(migrations.Migration):
             name='WebhookSecret',
             fields=[
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('secret', i2v.crypto.EncryptedTextField(editable=False, purpose='webhook-secret')),
+                ('secret', i2v.core.crypto.EncryptedTextField(editable=False, purpose='webhook-secret')),
                 ('prefix', models.CharField(editable=False, help_text='First characters, to tell secrets apart.', max_length=16)),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
                 ('expires_at', models.DateTimeField(blank=True, help_text='Set when rotated; empty while current.', null=True)),

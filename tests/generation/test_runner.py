@@ -329,7 +329,7 @@ def test_webhook_is_signed_with_the_owners_secret_and_recorded(configured, user,
 
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-    from i2v.models import WebhookSecret
+    from i2v.core.webhook_secrets import WebhookSecret
 
     received = []
 
@@ -378,7 +378,7 @@ def test_job_timeout_stops_the_run(configured, user, settings):
 def test_failed_webhook_is_retried_later_and_recorded(configured, user):
     from django_q.models import Schedule
 
-    from i2v.models import WebhookSecret
+    from i2v.core.webhook_secrets import WebhookSecret
     from tests.helpers import StaticServer
 
     WebhookSecret.rotate(user)

@@ -81,7 +81,7 @@ def test_comfyui_token_and_instance_password_are_encrypted_at_rest(db):
 
 def test_the_migration_encrypts_tokens_stored_in_plain_text(tmp_path):
     data = tmp_path / "var"
-    manage(data, "migrate", "gpu", "0003", "-v0")
+    manage(data, "migrate", "gpu", "0006", "-v0")
     manage(data, "migrate", "i2v", "-v0")
     manage(data, "shell", code="from gpu.models import GpuConfig; GpuConfig.get()")
     with sqlite3.connect(data / "db.sqlite3") as db:

@@ -143,7 +143,7 @@ def test_webhook_delivery_rechecks_at_send_time(user, fence, rebinding, settings
     """A webhook host that pointed at loopback when the job was made and at the metadata address
     when the job ends: the delivery is refused, recorded with the reason, and nothing connects."""
     from generation import webhooks
-    from i2v.models import WebhookSecret
+    from i2v.core.webhook_secrets import WebhookSecret
 
     WebhookSecret.rotate(user)
     rebinding(first=METADATA, later=METADATA)

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from generation import fal_runner
 from generation.models import VideoJob
 from generation.webhooks import deliver
-from i2v.models import WebhookSecret
+from i2v.core.webhook_secrets import WebhookSecret
 from tests.generation.test_runner import make_job
 
 
