@@ -225,3 +225,69 @@ def test_guard_errors_are_httpx_errors_with_the_reason(fence, rebinding):
     with netguard.http_client(timeout=5) as http, pytest.raises(httpx.ConnectError) as info:
         http.get("http://meta.test/")
     assert "link-local" in netguard.blocked_reason(info.value)
+
+
+def _self_signed(name):
+    """A certificate for `name` and its key, as PEM files' contents."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def test_https_to_a_pinned_address_keeps_the_sni_and_checks_the_certificate_name(fence, rebinding, tmp_path):
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    cert, key = _self_signed("secure.test")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    seen = {}
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+    def on_sni(sock, name, ctx):
+        seen["sni"] = name  # returns None: carry on with the handshake
+
+    server_ctx.sni_callback = on_sni
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen["host"] = self.headers["Host"]
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        rebinding(first="127.0.0.1", later=METADATA)
+        trust = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        transport = netguard.GuardedTransport(retries=0, verify=trust)
+        with netguard.http_client(transport=transport, timeout=5) as http:
+            assert http.get(f"https://secure.test:{port}/").text == "ok"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen == {"sni": "secure.test", "host": f"secure.test:{port}"}
+    assert fence == [("127.0.0.1", port)]
