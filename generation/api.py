@@ -19,9 +19,11 @@ from generation import domain, jobcache, waiting
 from generation.inputs import GenerateParams, InputError
 from generation.models import VideoJob
 from generation.views import _get_job_for_user
+from i2v.core.throttles import generate_rate
 
 log = logging.getLogger(__name__)
-
+# One budget for both generate routes.
+GENERATE_RATE = generate_rate()
 router = Router(tags=["generation"])
 RENDERER = JSONRenderer()  # the NinjaAPI's own renderer (its default), for answers rendered once and cached
 
@@ -168,6 +170,7 @@ class Error(Schema):
 
 
 @router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
+             throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 async def generate_video(request):
     """Multipart with an `image` file, or JSON with `image_url`. 202 with the new job;
@@ -178,6 +181,7 @@ async def generate_video(request):
 
 
 @router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
+             throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 async def vastai_generate_video(request):
     """Uses the configured ComfyUI URL, else a ready vast.ai instance. Honours `Prefer: wait`."""

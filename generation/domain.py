@@ -10,8 +10,9 @@ from django.db import IntegrityError, connections, transaction
 from django.urls import reverse
 
 from generation import scheduler
-from generation.inputs import InputError, check_image, fetch_image
+from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import UserQuota, VideoJob, Workflow
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,14 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
     if waiting >= limit:
         raise QueueFull(f"You have {waiting} jobs waiting, the limit is {limit} (max_waiting): wait for some to "
                         "start, or cancel some, then send this one again.")
+    if params.webhook_url and not WebhookSecret.signing_secrets(owner):
+        raise InputError("webhook_url", "create your webhook signing secret first (POST /api/account/webhook-secret, "
+                                        "or the Account page), so your receiver can verify each delivery")
     workflow = resolve_workflow(params.workflow)
     field = "image"
     if image_bytes is None:
         image_bytes, field = fetch_image(params.image_url), "image_url"
-    ext, _, _ = check_image(image_bytes, field=field)
+    image_bytes, ext = clean_image(image_bytes, field=field)
     defaults = workflow.defaults or {}
     job_id = uuid.uuid4()
     job = VideoJob(

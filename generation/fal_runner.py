@@ -21,6 +21,7 @@ from django.utils import timezone
 from generation import scheduler
 from generation.fal import FalClient, FalError, build_input, estimate_cost
 from generation.models import VideoJob
+from i2v.core.crypto import derive_key
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -36,7 +37,8 @@ def client() -> FalClient:
 
 
 def webhook_token(job_id) -> str:
-    return hmac.new(settings.SECRET_KEY.encode(), f"fal-webhook:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
+    """The token in fal.ai's callback URL for one job, under a key derived for this use alone."""
+    return hmac.new(derive_key("fal-webhook-token"), f"fal-webhook:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def webhook_url(job) -> str | None:

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal, Optional, Union
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpu import netguard
@@ -99,6 +99,12 @@ class GenerateParams(BaseModel):
 
         return validate_service_url(value) if "://" in value else _raise("must be an http(s) URL")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_reachable(cls, value):
+        # Refused now rather than at the job's end; the delivery checks again when it connects.
+        return netguard.check_url(value) if value else value
+
 
 def _raise(message):
     raise ValueError(message)
@@ -129,6 +135,26 @@ def check_image(data: bytes, field="image") -> tuple[str, int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(field, f"not a readable PNG, JPEG or WEBP image ({type(exc).__name__})")
     return FORMATS[fmt], width, height
+
+
+def clean_image(data: bytes, field="image") -> tuple[bytes, str]:
+    """Check `data` (check_image) and re-encode it without metadata: EXIF (GPS position, camera,
+    time), XMP, ICC and text chunks are dropped, after the EXIF orientation is applied to the
+    pixels so the picture still stands the right way up. Returns (bytes, extension)."""
+    ext, _, _ = check_image(data, field)
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+    out = io.BytesIO()
+    if ext == "jpg":
+        if upright.mode not in ("RGB", "L", "CMYK"):
+            upright = upright.convert("RGB")
+        upright.save(out, format="JPEG", quality=95, subsampling=0)
+    elif ext == "webp":
+        upright.save(out, format="WEBP", lossless=True)
+    else:
+        upright.save(out, format="PNG")
+    return out.getvalue(), ext
 
 
 def fetch_image(url: str) -> bytes:

@@ -20,7 +20,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from pydantic import ValidationError as PydanticValidationError
 
 from generation.domain import QueueFull
-from generation.inputs import MAX_IMAGE_BYTES, GenerateParams, InputError, check_image
+from generation.inputs import MAX_IMAGE_BYTES, GenerateParams, InputError, clean_image
 from generation.models import VideoJob, Workflow
 from i2v.auth import bearer_user
 
@@ -274,7 +274,7 @@ def _read_image(request, errors):
             return None
         data = upload.read()
         try:
-            ext, _, _ = check_image(data)
+            data, ext = clean_image(data)
         except InputError as exc:
             errors["image"] = _sentence(exc.message)
             return None

@@ -1,34 +1,37 @@
 """Signed webhooks on a job's terminal state, retried with backoff, every attempt recorded.
 
-Each POST carries the job JSON and `X-I2V-Signature: t=<unix time>,v1=<hex>` where v1 is
-HMAC-SHA256 over "<t>.<raw body>" with the shared secret (I2V_WEBHOOK_SECRET).
+Signed as the Standard Webhooks spec says (https://www.standardwebhooks.com), with the
+`standardwebhooks` library: headers `webhook-id` (the same on every retry of one event),
+`webhook-timestamp` and `webhook-signature`, an HMAC-SHA256 under the job owner's own `whsec_…`
+secret (i2v.core.webhook_secrets). During the 24 h after a rotation each delivery carries a
+signature under the old secret and one under the new.
 """
 
-import hashlib
-import hmac
 import json
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import httpx
-from django.conf import settings
+from standardwebhooks.webhooks import Webhook
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
 
 from generation.models import VideoJob, WebhookDelivery
 from gpu import netguard
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 BACKOFF = [0, 30, 120, 600, 1800]  # seconds before attempts 1..5
 
 
-def sign(body: bytes, timestamp: int, secret: str = None) -> str:
-    secret = (secret or settings.I2V_WEBHOOK_SECRET).encode()
-    mac = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+def signature_headers(secrets: list[str], msg_id: str, body: bytes, when: datetime) -> dict:
+    """The Standard Webhooks headers of `body`, signed under each of `secrets`."""
+    signatures = [Webhook(secret).sign(msg_id, when, body.decode()) for secret in secrets]
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())), "webhook-signature": " ".join(signatures)}
 
 
 def enqueue_webhook(job, attempt=1):
@@ -57,14 +60,18 @@ def deliver(job_id, attempt):
     if WebhookDelivery.objects.filter(job=job, attempt=attempt).exists() or job.webhook_deliveries.filter(ok=True).exists():
         return  # this attempt already ran (a redelivered task), or an earlier one succeeded
     body = json.dumps({"event": f"job.{job.status}", "job": job_json(job)}, cls=DjangoJSONEncoder).encode()
-    ts = int(time.time())
     started = time.monotonic()
     row = WebhookDelivery(job=job, attempt=attempt, url=job.webhook_url)
+    secrets = WebhookSecret.signing_secrets(job.owner_id)
+    if not secrets:
+        row.error = "Not sent: the job's owner has no webhook secret (create one on the Account page)."
+        row.save()
+        return
+    signed = signature_headers(secrets, f"msg_{job.id}_{job.status}", body, datetime.now(tz=dt_timezone.utc))
     try:
         with netguard.http_client(timeout=httpx.Timeout(10.0, connect=5.0)) as http:
             resp = http.post(job.webhook_url, content=body, headers={
-                "Content-Type": "application/json", "X-I2V-Signature": sign(body, ts),
-                "X-I2V-Delivery": f"{job.id}:{attempt}", "User-Agent": "i2v-webhooks/1",
+                "Content-Type": "application/json", **signed, "User-Agent": "i2v-webhooks/1",
             })
         row.status_code = resp.status_code
         row.ok = 200 <= resp.status_code < 300

@@ -14,8 +14,15 @@ from gpu import domain
 from gpu.models import GpuConfig, VastInstance
 from gpu.netguard import BlockedURL
 from gpu.urls_check import split_token, validate_service_url
+from i2v.core.throttles import probe_rate
 
 router = Router(tags=["gpu"])
+# test-connection and health share one budget: both probe the network from the server.
+PROBE_RATE = probe_rate()
+
+
+class Detail(Schema):
+    detail: str
 
 
 class ConfigOut(Schema):
@@ -69,9 +76,12 @@ def _require_staff(request):
         raise HttpError(403, "Only staff can change the GPU configuration.")
 
 
-@router.get("/gpu/config", response=ConfigOut, summary="Current GPU configuration")
+@router.get("/gpu/config", response=ConfigOut, summary="Current GPU configuration (the URLs for staff only)")
 def get_config(request):
-    return config_out(GpuConfig.get())
+    out = config_out(GpuConfig.get())
+    if not request.auth.is_staff:
+        out.update(comfyui_url=None, swarmui_url=None)
+    return out
 
 
 @router.post("/gpu/config", response=ConfigOut, summary="Change the GPU configuration")
@@ -99,13 +109,14 @@ def post_config(request, payload: ConfigIn):
 class TestConnectionIn(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    url: str
+    url: Optional[str] = Field(default=None, description="Left out: the configured ComfyUI (or SwarmUI) URL. "
+                               "Another URL is for staff only.")
     token: Optional[str] = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, value):
-        return validate_service_url(value)
+        return validate_service_url(value) if value else None
 
 
 class TestConnectionOut(Schema):
@@ -115,11 +126,18 @@ class TestConnectionOut(Schema):
     details: dict
 
 
-@router.post("/gpu/test-connection", response=TestConnectionOut, summary="Detect what answers at a URL")
+@router.post("/gpu/test-connection", response={200: TestConnectionOut, 403: Detail, 422: Detail, 429: Detail},
+             throttle=[PROBE_RATE], summary="Detect what answers at a URL")
 def test_connection(request, payload: TestConnectionIn):
     from gpu.probe import probe
 
     config = GpuConfig.get()
+    if not payload.url:
+        payload.url = config.comfyui_url or config.swarmui_url
+        if not payload.url:
+            raise HttpError(422, "url: no GPU URL is configured; send the URL to test.")
+    if not domain.may_probe(request.auth, payload.url, config):
+        raise HttpError(403, domain.PROBE_STAFF_ONLY)
     # The configured token goes only to the configured URL; another URL gets only the token sent with it.
     token = payload.token if payload.token is not None else (
         config.comfyui_token if payload.url in (config.comfyui_url, config.swarmui_url) else ""
@@ -128,7 +146,10 @@ def test_connection(request, payload: TestConnectionIn):
     details = dict(result["details"])
     details["message"] = result["message"]
     details["status"] = result["status"]
-    return {"url": result["url"], "reachable": result["reachable"], "api_type": result["api_type"], "details": details}
+    url = result["url"]
+    if not request.auth.is_staff:
+        url = "(configured)"
+    return {"url": url, "reachable": result["reachable"], "api_type": result["api_type"], "details": details}
 
 
 class HealthOut(Schema):
@@ -143,11 +164,15 @@ class HealthOut(Schema):
     details: dict
 
 
-@router.get("/gpu/health", response=HealthOut, summary="Health of the configured GPU servers")
+@router.get("/gpu/health", response={200: HealthOut, 429: Detail}, throttle=[PROBE_RATE],
+            summary="Health of the configured GPU servers (their URLs for staff only)")
 def health(request):
     from gpu.health import health_report
 
-    return health_report(GpuConfig.get())
+    report = health_report(GpuConfig.get())
+    if not request.auth.is_staff:
+        report.update(comfyui_url=None, swarmui_url=None, details={})
+    return report
 
 
 # ---------------------------------------------------------------------- vast.ai offers and instances

@@ -459,22 +459,30 @@ class ComfyUIClient(ServiceClient):
     @contextlib.contextmanager
     def events(self, client_id, *, open_timeout=10):
         """Follow ComfyUI's websocket as `client_id`; yields an EventStream. Connect before submit()."""
-        try:
-            netguard.check_url(self.base_url)
-        except netguard.BlockedURL as exc:
-            raise self._guard_error(exc) from None
         url = self._ws_url(client_id)
         where = f"{self.where}/ws"
+        parts = urlsplit(self.base_url)
+        try:
+            # The socket goes to the address netguard checked; websockets does no lookup of its own
+            # and, given a socket, follows no redirect (an unchecked hop).
+            sock = netguard.connect_socket(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                                           open_timeout)
+        except netguard.BlockedURL as exc:
+            raise self._guard_error(exc) from None
+        except TimeoutError:
+            raise self._error(f"Cannot open ComfyUI's websocket at {where}: no answer within {open_timeout}s", kind="unreachable", retryable=True) from None
+        except OSError as exc:
+            raise self._error(f"Cannot open ComfyUI's websocket at {where}: {_connect_reason(exc)}", kind="unreachable", retryable=True) from None
         try:
             connection = ws_connect(
                 url,
+                sock=sock,
                 additional_headers=self._headers(),
                 open_timeout=open_timeout,
                 # aiohttp (ComfyUI's server) answers the close frame but leaves the TCP close to
                 # the client; a short wait keeps a finished job from idling on the handshake.
                 close_timeout=0.2,
                 max_size=WS_MAX_MESSAGE,
-                proxy=None,  # connect where netguard checked, not through an environment proxy
                 compression=None,
                 user_agent_header="i2v",
             )
@@ -490,6 +498,8 @@ class ComfyUIClient(ServiceClient):
             raise self._error(f"Cannot open ComfyUI's websocket at {where}: no answer within {open_timeout}s", kind="unreachable", retryable=True) from None
         except InvalidHandshake as exc:
             raise self._error(f"ComfyUI's websocket at {where} failed the handshake ({type(exc).__name__})", kind="bad_response", retryable=True) from None
+        except ValueError:  # a redirect, which websockets does not follow on a given socket
+            raise self._error(f"ComfyUI's websocket at {where} answered with a redirect; set the URL it redirects to", kind="bad_response") from None
         except OSError as exc:
             raise self._error(f"Cannot open ComfyUI's websocket at {where}: {_connect_reason(exc)}", kind="unreachable", retryable=True) from None
         with connection:

@@ -105,3 +105,18 @@ def update_config(changes: dict, *, user=None, source="api") -> GpuConfig:
     for field, value in changes.items():
         setattr(config, field, value)
     return save_config(config, user=user, source=source)
+
+
+PROBE_STAFF_ONLY = ("Only staff can test a URL other than the configured ones; "
+                    "leave the URL out to test the configured GPU.")
+
+
+def may_probe(user, url: str, config: GpuConfig) -> bool:
+    """Staff may probe any URL; other users only the configured ComfyUI/SwarmUI (probing any URL
+    from the server would map the server's network for them: open, refused and timeout differ)."""
+    from gpu.urls_check import split_token
+
+    if user.is_staff:
+        return True
+    target = split_token(url.strip().rstrip("/"))[0]
+    return bool(target) and target in {u.rstrip("/") for u in (config.comfyui_url, config.swarmui_url) if u}

@@ -5,6 +5,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from i2v.core.crypto import EncryptedTextField
+
 
 class GpuConfig(models.Model):
     """The one GPU configuration row (a singleton, pk=1), edited in the admin and the API."""
@@ -21,8 +23,9 @@ class GpuConfig(models.Model):
     swarmui_url = models.URLField(max_length=500, blank=True)
     gpu_provider = models.CharField(max_length=10, choices=Provider.choices, default=Provider.NONE)
     vastai_instance_id = models.BigIntegerField(null=True, blank=True, help_text="vast.ai id of the instance in use")
-    comfyui_token = models.CharField(
-        max_length=500, blank=True, help_text="Sent as Authorization: Bearer to ComfyUI. Write-only."
+    comfyui_token = EncryptedTextField(
+        max_length=500, blank=True, purpose="gpu.comfyui_token",
+        help_text="Sent as Authorization: Bearer to ComfyUI. Write-only; encrypted at rest.",
     )
     default_workflow = models.CharField(max_length=64, default="wan22-i2v")
 
@@ -150,7 +153,7 @@ class VastInstance(models.Model):
     status_msg = models.CharField(max_length=500, blank=True)
     error = models.TextField(blank=True)
     comfyui_url = models.URLField(max_length=500, blank=True)
-    web_password = models.CharField(max_length=100, blank=True, editable=False)
+    web_password = EncryptedTextField(max_length=100, blank=True, editable=False, purpose="gpu.vast_web_password")
 
     created_at = models.DateTimeField(default=timezone.now)
     state_changed_at = models.DateTimeField(default=timezone.now)

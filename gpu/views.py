@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from gpu import capacity
+from gpu.domain import PROBE_STAFF_ONLY, may_probe
 from gpu.models import GpuConfig, VastInstance
 from gpu.urls_check import split_token, validate_service_url
 
@@ -99,7 +100,7 @@ def _context(request, **extra):
         "configured": bool(config.comfyui_url or config.swarmui_url or rows),
         "config_form": {"comfyui_url": config.comfyui_url, "swarmui_url": config.swarmui_url},
         "config_errors": {},
-        "test_url": config.comfyui_url or config.swarmui_url,
+        "test_url": (config.comfyui_url or config.swarmui_url) if request.user.is_staff else "",
         # Nothing to probe: the report is instant, so the page shows it at once.
         "health": None if (config.comfyui_url or config.swarmui_url) else _health(),
     }
@@ -152,6 +153,8 @@ def test_connection(request):
     config = GpuConfig.get()
     url = (request.POST.get("url") or "").strip() or config.comfyui_url or config.swarmui_url
     result, error = None, ""
+    if url and not may_probe(request.user, url, config):
+        raise PermissionDenied(PROBE_STAFF_ONLY)
     if not url:
         error = "Enter a URL to test, e.g. the ComfyUI URL behind vast.ai's Open button."
     else:

@@ -1,12 +1,18 @@
 """The NinjaAPI root: every router is mounted here, under /api."""
 
 import logging
+import math
+
+from datetime import datetime
+from typing import Optional
 
 from django.http import Http404
-from ninja import NinjaAPI
-from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja import Field, NinjaAPI, Schema
+from ninja.responses import Status
+from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
-from i2v.auth import API_AUTH
+from i2v.auth import API_AUTH, LockedOut
+from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,21 @@ def on_auth_error(request, exc):
     return response
 
 
+@api.exception_handler(Throttled)
+def on_throttled(request, exc):
+    wait = math.ceil(exc.wait or 1)
+    return api.create_response(
+        request, {"detail": f"Too many requests: this route allows a limited number per user and minute. "
+                            f"Try again in {wait} seconds."}, status=429)
+
+
+@api.exception_handler(LockedOut)
+def on_locked_out(request, exc):
+    response = api.create_response(request, {"detail": str(exc.message)}, status=429)
+    response["Retry-After"] = str(exc.wait)
+    return response
+
+
 @api.exception_handler(HttpError)
 def on_http_error(request, exc):
     return api.create_response(request, {"detail": str(exc.message)}, status=exc.status_code)
@@ -69,6 +90,30 @@ def ping(request):
     from generation.waiting import waiting_now
 
     return {"ok": True, "waiting": waiting_now()}
+
+
+class WebhookSecretOut(Schema):
+    configured: bool
+    prefix: Optional[str]
+    created_at: Optional[datetime]
+    previous_valid_until: Optional[datetime] = Field(description="The rotated-out secret still signs until then.")
+
+
+class NewWebhookSecretOut(WebhookSecretOut):
+    secret: str = Field(description="Shown this once: store it where your webhook receiver reads it.")
+
+
+@api.get("/account/webhook-secret", response=WebhookSecretOut, tags=["account"],
+         summary="Your webhook signing secret (whether one is set; never the secret itself)")
+def get_webhook_secret(request):
+    return WebhookSecret.state(request.auth)
+
+
+@api.post("/account/webhook-secret", response={201: NewWebhookSecretOut}, tags=["account"],
+          summary="Create or rotate your webhook signing secret (the old one stays valid 24 h)")
+def rotate_webhook_secret(request):
+    secret = WebhookSecret.rotate(request.auth)
+    return Status(201, {**WebhookSecret.state(request.auth), "secret": secret})
 
 
 def _mount():

@@ -8,6 +8,10 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+# Imported here so Django registers it with this app; apps import it from i2v.core.
+from i2v.core.webhook_secrets import WebhookSecret  # noqa: F401
+
+
 TOKEN_PREFIX = "i2v_"
 
 

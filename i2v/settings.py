@@ -2,9 +2,12 @@
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -35,7 +38,15 @@ def env_list(name, default):
 
 
 DATA_DIR = Path(env("I2V_DATA_DIR", str(BASE_DIR / "var"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
+# The database, the secret key and the media live here: the owner's alone. Every process that
+# loads these settings (web, worker, manage.py) creates files 0600 and folders 0700, SQLite's
+# included; files left from before are closed at start.
+os.umask(0o077)
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+DATA_DIR.chmod(0o700)
+for _path in DATA_DIR.iterdir():
+    if _path.is_file() and _path.stat().st_mode & 0o077:
+        _path.chmod(0o600)
 
 
 def _secret_key():
@@ -51,6 +62,9 @@ def _secret_key():
 
 
 SECRET_KEY = _secret_key()
+# Former secret keys, comma separated: sessions signed with them stay valid, and secrets encrypted
+# at rest under keys derived from them (i2v.core.crypto) can still be read after a key change.
+SECRET_KEY_FALLBACKS = env_list("DJANGO_SECRET_KEY_FALLBACKS", "")
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
@@ -66,6 +80,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "django_q",
+    "axes",
+    "csp",
     # Serves /api/docs from ninja's own Swagger UI copy (without it ninja loads it from a CDN).
     "ninja",
     "i2v",
@@ -83,6 +99,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: it turns a lockout raised during authentication into its answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "i2v.urls"
@@ -146,6 +165,8 @@ else:
 
 # --- Storage: local files, or R2 through django-storages' S3 backend ------------
 MEDIA_ROOT = DATA_DIR / "media"
+MEDIA_ROOT.mkdir(mode=0o700, exist_ok=True)
+MEDIA_ROOT.chmod(0o700)
 MEDIA_URL = "/media/"
 STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
@@ -199,8 +220,6 @@ if R2_BUCKET:
         "querystring_expire": env_int("R2_URL_EXPIRE", 3600),
     }
     if R2_PUBLIC_URL:
-        from urllib.parse import urlsplit
-
         _public = urlsplit(R2_PUBLIC_URL if "://" in R2_PUBLIC_URL else f"https://{R2_PUBLIC_URL}")
         _r2_options["custom_domain"] = _public.netloc + _public.path
         _r2_options["url_protocol"] = f"{_public.scheme}:"
@@ -209,6 +228,9 @@ if R2_BUCKET:
 
 # Largest upload Django keeps in memory before spooling to disk.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
+# Media files (inputs, videos) and their folders are the owner's alone.
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 DATA_UPLOAD_MAX_MEMORY_SIZE = 25 * 1024 * 1024
 
 # --- Providers -------------------------------------------------------------------
@@ -234,7 +256,6 @@ I2V_PUBLIC_URL = env("I2V_PUBLIC_URL").rstrip("/")
 COMFYUI_URL = env("COMFYUI_URL")
 SWARMUI_URL = env("SWARMUI_URL")
 I2V_BLOCK_PRIVATE_NETWORKS = env_bool("I2V_BLOCK_PRIVATE_NETWORKS", False)
-I2V_WEBHOOK_SECRET = env("I2V_WEBHOOK_SECRET") or SECRET_KEY
 I2V_JOB_TIMEOUT = env_int("I2V_JOB_TIMEOUT", 3600)
 I2V_FOLLOW_SLICE = env_int("I2V_FOLLOW_SLICE", 60)
 # Seconds `GET /api/jobs/{id}` answers from the shared cache (generation/jobcache.py); every job
@@ -271,12 +292,53 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_SECONDS > 0
 SECURE_HSTS_PRELOAD = SECURE_HSTS_SECONDS > 0
-if env_bool("DJANGO_BEHIND_PROXY", False):
+I2V_BEHIND_PROXY = env_bool("DJANGO_BEHIND_PROXY", False)
+if I2V_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Login throttling (django-axes), counted in the database so every process sees the same count:
+# a username is locked for one client address after I2V_LOGIN_FAILURE_LIMIT wrong passwords (the
+# admin's login, /accounts/login/ and wrong API tokens alike); other users and addresses log in.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("I2V_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("I2V_LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "i2v.auth.client_address"
+AXES_LOCKOUT_CALLABLE = "i2v.views.locked_out"
+AXES_VERBOSE = False
+
+# Per-user request rates on the API routes that spend money or reach out ("N/s|m|h|d").
+I2V_RATE_GENERATE = env("I2V_RATE_GENERATE", "30/m")
+I2V_RATE_PROBE = env("I2V_RATE_PROBE", "20/m")
+
+# Content-Security-Policy (django-csp) on every answer: scripts and styles from this server only,
+# no inline script. Videos and images may come from the R2 endpoint or its public domain.
+_media_origins = [f"{urlsplit(u).scheme}://{urlsplit(u).netloc}" for u in (R2_PUBLIC_URL, R2_ENDPOINT_URL) if u and "://" in u]
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:", "blob:", *_media_origins],
+        "media-src": [SELF, "blob:", *_media_origins],
+        "connect-src": [SELF],
+        "font-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # Request-rate counters must be shared by every web process: files on one machine, else Redis.
+    "throttle": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": DATA_DIR / "throttle"},
+}
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "i2v.cache.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES["throttle"] = CACHES["default"]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -294,5 +356,7 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
         "websockets": {"level": "WARNING"},
+        # Every failed login at INFO; lockouts stay at WARNING.
+        "axes": {"level": "WARNING"},
     },
 }

@@ -16,6 +16,10 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not :memory:, so a worker process started by a test sees the same database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 
+# Request rates high enough for the load and fuzz tests; tests/reliability/test_rate_limits.py sets its own.
+I2V_RATE_GENERATE = "100000/m"
+I2V_RATE_PROBE = "100000/m"
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}  # noqa: F405
 

@@ -11,7 +11,8 @@ admin.site.site_title = "i2v admin"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", api.urls),
-    path("accounts/login/", views.RateLimitedLoginView.as_view(), name="login"),
+    path("accounts/login/", views.LoginView.as_view(), name="login"),
+    path("account/", views.account, name="account"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", include("generation.urls")),
     path("gpu/", include("gpu.urls")),

@@ -87,11 +87,12 @@ def free_port():
 
 @pytest.fixture(autouse=True)
 def _clear_cache():
-    from django.core.cache import cache
+    from django.core.cache import cache, caches
 
     from i2v.models import token_memo
 
     cache.clear()
+    caches["throttle"].clear()
     token_memo.clear()
     yield
 

@@ -1,3 +1,4 @@
+import contextlib
 import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,3 +45,17 @@ class StaticServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def configured_comfyui(**double_kwargs):
+    """A ComfyUI double, configured as the GPU (provider local) while the block runs."""
+    from gpu.models import GpuConfig
+    from tests.doubles.comfyui import ComfyUIDouble
+
+    with ComfyUIDouble(**double_kwargs) as double:
+        config = GpuConfig.get()
+        config.comfyui_url = double.url
+        config.gpu_provider = "local"
+        config.save()
+        yield double

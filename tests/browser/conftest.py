@@ -44,8 +44,18 @@ def browser_context_args(browser_context_args):
 
 @pytest.fixture
 def page(page):
+    """Every browser test also checks that the pages ran under the Content-Security-Policy without
+    Chromium reporting a violation (it logs each one to the console)."""
     page.set_default_timeout(15_000)
-    return page
+    page.csp_violations = []
+
+    def on_console(message):
+        if "Content Security Policy" in message.text:
+            page.csp_violations.append(f"{message.text} at {message.location} on {page.url}")
+
+    page.on("console", on_console)
+    yield page
+    assert page.csp_violations == [], page.csp_violations
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from generation.models import VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig, VastInstance
 from tests.browser.conftest import sample_image
+from tests.helpers import configured_comfyui
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.vastai import VastAIDouble
 
@@ -33,11 +34,7 @@ def workflows(db):
 
 @pytest.fixture
 def comfy(workflows):
-    with ComfyUIDouble() as double:
-        config = GpuConfig.get()
-        config.comfyui_url = double.url
-        config.gpu_provider = "local"
-        config.save()
+    with configured_comfyui() as double:
         yield double
 
 
@@ -285,3 +282,29 @@ def test_destroy_an_instance(page, live_server, staff, workflows, settings, monk
         instance.refresh_from_db()
         assert instance.state in (VastInstance.State.DESTROYING, VastInstance.State.DESTROYED)
         assert vast.live_instances() == []
+
+
+def test_every_page_runs_under_the_csp_without_a_violation(page, live_server, staff, comfy):
+    """Log in (with the admin's own form), then every page, the API docs and the admin: each answer
+    carries the policy and Chromium reports no violation (the `page` fixture asserts that)."""
+    resp = page.goto(f"{live_server.url}/admin/login/")
+    assert "script-src 'self'" in resp.headers["content-security-policy"]
+    page.get_by_label("Username").fill("carol")
+    page.get_by_label("Password").fill("carol-pass-123")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Site administration")).to_be_visible()
+    for path, landmark in [("/", "Generate a video"), ("/jobs/", "Jobs"), ("/gpu/", "GPU"),
+                           ("/account/", "Webhook signing secret"), ("/admin/gpu/gpuconfig/1/change/", None),
+                           ("/api/docs", None)]:
+        resp = page.goto(f"{live_server.url}{path}")
+        policy = resp.headers.get("content-security-policy", "")
+        assert "default-src 'self'" in policy and "object-src 'none'" in policy and "'unsafe-inline'" not in policy, path
+        if landmark:
+            expect(page.get_by_role("heading", name=landmark).first).to_be_visible()
+    # htmx under the policy: the GPU page loads its health partial after render.
+    page.goto(f"{live_server.url}/gpu/")
+    expect(page.get_by_text("available (API ready)").first).to_be_visible()
+    # Swagger UI (ninja's bundled copy) renders the operations under the policy.
+    page.goto(f"{live_server.url}/api/docs")
+    expect(page.get_by_text("/api/generate-video").first).to_be_visible()
+    assert page.csp_violations == []

@@ -36,6 +36,16 @@ def as_staff(client, staff):
 
 
 @pytest.fixture
+def as_staff_client(staff):
+    """A staff browser next to `as_user`'s."""
+    from django.test import Client
+
+    other = Client()
+    other.force_login(staff)
+    return other
+
+
+@pytest.fixture
 def vast(db, settings, monkeypatch):
     """The vast.ai double behind settings, a rental policy needing no model download (smoke), tasks not run."""
     monkeypatch.setattr("django_q.tasks.async_task", lambda *args, **kw: None)
@@ -79,13 +89,22 @@ def test_empty_state_on_first_use(as_staff, settings):
     assert "No rented instances." in html
 
 
-def test_configured_page_loads_health_after_render(as_user, comfy):
+def test_configured_page_loads_health_after_render(as_staff, comfy):
     configure(comfy.url, gpu_provider="local", comfyui_token="s3cret-token")
-    html = as_user.get("/gpu/").content.decode()
+    html = as_staff.get("/gpu/").content.decode()
     assert "No GPU configured yet" not in html
     assert 'hx-get="/gpu/health" hx-trigger="load"' in html and comfy.url in html
     assert "s3cret-token" not in html and "<dt>Token</dt><dd>set</dd>" in html
     assert comfy.count("GET", "/system_stats") == 0  # the page itself doesn't wait on the GPU
+
+
+def test_non_staff_see_that_a_gpu_is_set_not_its_url(as_user, comfy):
+    configure(comfy.url, gpu_provider="local")
+    html = as_user.get("/gpu/").content.decode()
+    assert 'hx-get="/gpu/health" hx-trigger="load"' in html and "<dd>set</dd>" in html
+    assert comfy.url not in html and 'name="url"' not in html
+    html = as_user.get("/gpu/health", headers=HX).content.decode()
+    assert "available (API ready)" in html and comfy.url not in html
 
 
 def test_health_partial_reports_comfyui_ready_with_its_gpu(as_user, comfy):
@@ -107,29 +126,37 @@ def test_health_partial_reports_an_unreachable_url(as_user):
     assert 'class="dot dot-bad"' in html and "unavailable" in html
 
 
-def test_test_connection_shows_the_result_inline(as_user, comfy):
-    resp = as_user.post("/gpu/test-connection", {"url": comfy.url + "/"}, headers=HX)
+def test_test_connection_shows_the_result_inline(as_staff, comfy):
+    resp = as_staff.post("/gpu/test-connection", {"url": comfy.url + "/"}, headers=HX)
     html = resp.content.decode()
     assert resp.status_code == 200 and html.lstrip().startswith('<div id="test-result"')
     assert "ComfyUI is ready" in html and "NVIDIA GeForce RTX 5090" in html and "result-ok" in html
     assert "Queue: 0 running, 0 pending" in html
 
 
-def test_test_connection_defaults_to_the_configured_url_and_sends_its_token(as_user):
+def test_test_connection_defaults_to_the_configured_url_and_sends_its_token(as_user, as_staff_client):
     with ComfyUIDouble(token="tok-123") as comfy:
         configure(comfy.url, comfyui_token="tok-123")
         html = as_user.post("/gpu/test-connection", {"url": ""}, headers=HX).content.decode()
         assert "ComfyUI is ready" in html
         # Another URL doesn't get the configured token.
         with ComfyUIDouble(token="tok-123") as other:
-            html = as_user.post("/gpu/test-connection", {"url": other.url}, headers=HX).content.decode()
+            html = as_staff_client.post("/gpu/test-connection", {"url": other.url}, headers=HX).content.decode()
             assert "Reachable, but not ready" in html and "Failed to authenticate" in html
 
 
-def test_test_connection_rejects_a_bad_url(as_user, db):
-    resp = as_user.post("/gpu/test-connection", {"url": "ftp://x"}, headers=HX)
+def test_non_staff_cannot_probe_another_url(as_user, comfy):
+    configure(comfy.url)
+    for url in ("http://127.0.0.1:22", "http://10.0.0.1:8188", comfy.url + "/other"):
+        resp = as_user.post("/gpu/test-connection", {"url": url}, headers=HX)
+        assert resp.status_code == 403, url
+    assert comfy.count("GET", "/system_stats") == 0
+
+
+def test_test_connection_rejects_a_bad_url(as_staff, db):
+    resp = as_staff.post("/gpu/test-connection", {"url": "ftp://x"}, headers=HX)
     assert resp.status_code == 422 and "The URL must start with http:// or https://." in resp.content.decode()
-    page = as_user.post("/gpu/test-connection", {"url": "http://127.0.0.1:9"})
+    page = as_staff.post("/gpu/test-connection", {"url": "http://127.0.0.1:9"})
     html = page.content.decode()
     assert page.status_code == 200 and "<html" in html and "Unreachable" in html
 

@@ -205,7 +205,7 @@ def test_secrets_never_appear_in_responses_pages_or_logs(client, staff, settings
 @pytest.mark.parametrize("path, auth", [
     ("/", "session"), ("/jobs/", "session"), ("/gpu/", "session"), ("/accounts/login/", None),
     ("/api/jobs", "token"), ("/api/ping", None), ("/api/jobs", None), ("/api/jobs/" + "0" * 32, "token"),
-    ("/api/openapi.json", None), ("/admin/login/", None),
+    ("/api/openapi.json", None), ("/admin/login/", None), ("/account/", "session"), ("/api/docs", "session"),
 ])
 def test_security_headers_on_pages_and_api(client, staff, token, path, auth):
     headers = {}
@@ -218,3 +218,5 @@ def test_security_headers_on_pages_and_api(client, staff, token, path, auth):
     assert resp["X-Content-Type-Options"] == "nosniff", path
     assert resp["X-Frame-Options"] == "DENY", path
     assert resp["Referrer-Policy"] == "same-origin", path
+    policy = resp["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "'unsafe-inline'" not in policy and "frame-ancestors 'none'" in policy, path

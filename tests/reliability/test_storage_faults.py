@@ -30,11 +30,10 @@ from django.utils import timezone
 
 from generation import runner, tasks
 from generation.models import VideoJob
-from gpu.models import GpuConfig
-from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.fal import FalDouble
 from tests.doubles.faulty_proxy import ERROR_CODES, FaultyHttpProxy
 from tests.generation.test_runner import make_job
+from tests.helpers import configured_comfyui
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -85,11 +84,7 @@ def comfy(r2, settings, monkeypatch):
     monkeypatch.setattr(tasks, "enqueue", lambda func, *args: None)
     monkeypatch.setattr("django_q.tasks.async_task", lambda *a, **kw: None)
     settings.I2V_FOLLOW_SLICE = 10
-    with ComfyUIDouble() as double:
-        config = GpuConfig.get()
-        config.comfyui_url = double.url
-        config.gpu_provider = "local"
-        config.save()
+    with configured_comfyui() as double:
         yield double
 
 
