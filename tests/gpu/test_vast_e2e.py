@@ -8,7 +8,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
@@ -19,22 +18,11 @@ from gpu.models import ModelFile
 from gpu import tasks as gpu_tasks
 from gpu.models import GpuConfig, VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
-from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids
-from tests.helpers import png_bytes
+from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids, smoke_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 S = VideoJob.Status
 I = VastInstance.State
-
-
-def smoke_job(owner) -> VideoJob:
-    wf = Workflow.objects.get(slug="smoke")
-    d = wf.defaults
-    job = VideoJob(owner=owner, prompt="a dragon turns its head", workflow=wf, workflow_slug=wf.slug, width=d["width"],
-                   height=d["height"], frames=d["frames"], fps=d["fps"], steps=d.get("steps"))
-    job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
-    job.save()
-    return job
 
 
 def test_smoke_job_rents_the_cheapest_gpu_runs_on_it_and_the_idle_instance_is_destroyed(
