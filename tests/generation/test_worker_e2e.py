@@ -1,47 +1,25 @@
 """The whole path through a real django-q2 worker (qcluster) on the configured broker:
 API → queue → worker → ComfyUI double → storage → GET /api/jobs/{id} → the video."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.db import connection
 
 from generation.domain import sync_shipped_workflows
 from generation.models import VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
-from tests.helpers import png_bytes
+from tests.helpers import png_bytes, qcluster
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
 
 
 @pytest.fixture
 def worker(request):
-    env = dict(os.environ)
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
-        "I2V_DATA_DIR": str(settings.DATA_DIR),
-        "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
-        "I2V_Q_NAME": settings.Q_CLUSTER["name"],
-        # A test may ask for more worker processes (indirect parametrize): one follows each running job.
-        "I2V_WORKERS": str(getattr(request, "param", 2)),
-    })
-    proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    # A test may ask for more worker processes (indirect parametrize): one follows each running job.
+    with qcluster(I2V_WORKERS=getattr(request, "param", 2)) as proc:
+        yield proc
 
 
 def test_api_job_runs_on_the_worker_and_serves_the_video(api, worker):
