@@ -29,6 +29,7 @@ from generation.models import VideoJob
 from generation.workflow_schema import fill
 from gpu import capacity
 from gpu.comfyui import ComfyUIClient, ComfyUIError, find_outputs, run_outcome
+from gpu.tunnel import follow_tunnel
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -161,6 +162,8 @@ def advance(job_id, deadline: float) -> bool:
         if storage_retry(job, exc, _fail):
             return False
     except ComfyUIError as exc:
+        if exc.kind in ("unreachable", "timeout", "not_ready") and follow_moved_tunnel(job):
+            return False
         # A retryable answer (a 5xx, a 429, a non-JSON body: ComfyUI restarting or a proxy's
         # hiccup) counts like an unreachable server.
         if exc.kind in ("unreachable", "timeout", "not_ready") or exc.retryable:
@@ -243,6 +246,23 @@ class Connection:
     def close(self):
         self.drop_events()
         self.client.close()
+
+
+TUNNEL_NOTE = "The tunnel URL changed; i2v switched to the new one."
+
+
+def follow_moved_tunnel(job) -> bool:
+    """ComfyUI stopped answering at the job's URL: when it is a vast.ai instance's tunnel that moved,
+    move this job and every other unfinished one on that URL to the new URL (the next slice goes on
+    there). True when it moved."""
+    old = job.comfyui_url
+    new = follow_tunnel(old) if old else None
+    if not new:
+        return False
+    VideoJob.objects.filter(comfyui_url=old).exclude(status__in=VideoJob.TERMINAL).update(
+        comfyui_url=new, note=TUNNEL_NOTE, unreachable_since=None)
+    log.warning("job %s: the tunnel URL changed; switched to %s", job.id, new)
+    return True
 
 
 def _within_grace(job) -> bool:

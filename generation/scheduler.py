@@ -668,7 +668,7 @@ def _idle_instances(config, gpu_places, bound, sims, now) -> list:
     for place in gpu_places:
         if not place.instance_id or place.ready_at is not None or bound.get(place.key) or place.key in planned:
             continue
-        instance = VastInstance.objects.filter(pk=place.instance_id, state=VastInstance.State.RUNNING).first()
+        instance = VastInstance.objects.reapable().filter(pk=place.instance_id, state=VastInstance.State.RUNNING).first()
         if instance is None or active_jobs_on(instance.pk):
             continue  # gone, or still serving a job (an upload of its video)
         if now - capacity.idle_since(instance) >= idle_for:

@@ -3,9 +3,11 @@ from django.contrib import admin, messages
 from django.shortcuts import redirect
 from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from gpu import capacity, domain
+from gpu.adoption import AdoptionError, adopt
 from gpu.models import ComfyUIServer, GpuConfig, GpuConfigChange, ModelFile, VastInstance
 from gpu.urls_check import split_token, validate_service_url
 
@@ -56,6 +58,14 @@ class GpuConfigForm(forms.ModelForm):
             data["comfyui_url"], token = split_token(url)
             if token and not self.data.get("comfyui_token"):
                 data["comfyui_token"] = token
+        vast_id = data.get("vastai_instance_id")
+        if vast_id is not None and "vastai_instance_id" in self.changed_data:
+            # Any instance on the account may be named: one rented in the vast.ai console is adopted.
+            try:
+                adopt(vast_id, comfyui_url=data.get("comfyui_url") or "", token=data.get("comfyui_token") or "",
+                      user=getattr(self, "request_user", None))
+            except AdoptionError as exc:
+                self.add_error("vastai_instance_id", str(exc).removeprefix("vastai_instance_id: "))
         return data
 
 
@@ -105,6 +115,11 @@ class GpuConfigAdmin(admin.ModelAdmin):
                 messages.warning(request, "No ComfyUI or SwarmUI URL is configured yet.")
         return redirect(reverse("admin:gpu_gpuconfig_change", args=[config.pk]))
 
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        form.request_user = request.user
+        return form
+
     def save_model(self, request, obj, form, change):
         domain.save_config(obj, user=request.user, source="admin")
 
@@ -124,18 +139,18 @@ class GpuConfigChangeAdmin(admin.ModelAdmin):
 
 @admin.register(VastInstance)
 class VastInstanceAdmin(admin.ModelAdmin):
-    list_display = ("vast_id", "state", "actual_status", "gpu_name", "dph_total", "uptime", "cost", "active_jobs",
-                    "status_msg", "created_at")
-    list_filter = ("state", "origin", "gpu_name")
+    list_display = ("vast_id", "state", "actual_status", "gpu_name", "dph_total", "uptime", "cost", "origin", "auto_destroy",
+                    "active_jobs", "status_msg", "created_at")
+    list_filter = ("state", "origin", "auto_destroy", "gpu_name")
     search_fields = ("vast_id", "gpu_name", "id", "comfyui_url")
     readonly_fields = (
         "id", "vast_id", "offer_id", "machine_id", "gpu_name", "num_gpus", "gpu_ram_mb", "dph_total", "state",
         "actual_status", "status_msg", "error", "comfyui_url", "portal_url", "origin", "attempt", "created_by",
         "created_at", "state_changed_at", "checked_at", "comfyui_seen_at", "ready_at", "last_busy_at",
-        "destroyed_at", "destroy_reason", "cost",
+        "destroyed_at", "destroy_reason", "cost", "what_i2v_can_do",
     )
-    exclude = ("web_password", "cost_usd", "provisioning_key")
-    actions = ["destroy_selected"]
+    exclude = ("web_password", "cost_usd", "provisioning_key", "tunnel_checked_at")
+    actions = ["destroy_selected", "auto_destroy_on", "auto_destroy_off"]
     change_list_template = "admin/gpu/vastinstance/change_list.html"
 
     def has_add_permission(self, request):
@@ -182,6 +197,22 @@ class VastInstanceAdmin(admin.ModelAdmin):
             messages.success(request, f"Destroyed {done} instance(s).")
         for line in failed:
             messages.error(request, f"Not destroyed (retried by the reconciler) — {line}")
+
+    @admin.action(description="Switch auto-destroy on (idle reaper, daily spend cap)")
+    def auto_destroy_on(self, request, queryset):
+        count = queryset.update(auto_destroy=True)
+        messages.success(request, f"Auto-destroy is on for {count} instance(s).")
+
+    @admin.action(description="Switch auto-destroy off (i2v never destroys them on its own)")
+    def auto_destroy_off(self, request, queryset):
+        count = queryset.update(auto_destroy=False)
+        messages.success(request, f"Auto-destroy is off for {count} instance(s).")
+
+    @admin.display(description="What i2v can and cannot do with it")
+    def what_i2v_can_do(self, obj):
+        template = obj.template or {}
+        lines = [f"✓ {line}" for line in template.get("can") or []] + [f"✗ {line}" for line in template.get("cannot") or []]
+        return format_html_join(mark_safe("<br>"), "{}", ((line,) for line in lines)) or "—"
 
     @admin.display(description="Active jobs")
     def active_jobs(self, obj):

@@ -10,7 +10,7 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 from pydantic import ConfigDict, field_validator
 
-from gpu import domain
+from gpu import adoption
 from gpu.models import GpuConfig, VastInstance
 from gpu.netguard import BlockedURL
 from gpu.urls_check import split_token, validate_service_url
@@ -25,6 +25,23 @@ class Detail(Schema):
     detail: str
 
 
+class AdoptedOut(Schema):
+    """The configured vast.ai instance, and what i2v can and cannot do with it."""
+
+    id: str
+    vast_id: Optional[int]
+    origin: str
+    state: str
+    gpu_name: str
+    dph: float
+    cost_usd: float
+    auto_destroy: bool
+    comfyui_url: Optional[str]
+    image: Optional[str]
+    can: list[str]
+    cannot: list[str]
+
+
 class ConfigOut(Schema):
     comfyui_url: Optional[str]
     comfyui_available: bool
@@ -32,6 +49,7 @@ class ConfigOut(Schema):
     swarmui_available: bool
     gpu_provider: str
     vastai_instance_id: Optional[int]
+    vastai_instance: Optional[AdoptedOut] = None
 
 
 class ConfigIn(Schema):
@@ -58,12 +76,35 @@ class ConfigIn(Schema):
         return value
 
 
-def config_out(config: GpuConfig) -> dict:
-    from gpu.health import availability
-
+def adopted_json(instance: VastInstance) -> dict:
+    template = instance.template or {}
+    live = instance.state in VastInstance.LIVE + (VastInstance.State.DESTROYING,)
     return {
+        "id": str(instance.id),
+        "vast_id": instance.vast_id,
+        "origin": instance.origin,
+        "state": instance.state,
+        "gpu_name": instance.gpu_name,
+        "dph": float(instance.dph_total),
+        "cost_usd": float(instance.accrued_cost() if live else instance.cost_usd),
+        "auto_destroy": instance.auto_destroy,
+        "comfyui_url": instance.comfyui_url or None,
+        "image": template.get("image") or None,
+        "can": list(template.get("can") or []),
+        "cannot": list(template.get("cannot") or []),
+    }
+
+
+def config_out(config: GpuConfig) -> dict:
+    from gpu.adoption import configured_instance
+    from gpu.health import availability
+    from gpu.tunnel import configured_token
+
+    instance = configured_instance(config)
+    return {
+        "vastai_instance": adopted_json(instance) if instance is not None else None,
         "comfyui_url": config.comfyui_url or None,
-        "comfyui_available": availability(config.comfyui_url, "comfyui", config.comfyui_token),
+        "comfyui_available": availability(config.comfyui_url, "comfyui", configured_token(config)),
         "swarmui_url": config.swarmui_url or None,
         "swarmui_available": availability(config.swarmui_url, "swarmui", config.comfyui_token),
         "gpu_provider": config.gpu_provider,
@@ -99,10 +140,10 @@ def post_config(request, payload: ConfigIn):
     if "gpu_provider" in changes and changes["gpu_provider"] is None:
         # An explicit null means "leave it as it is" (the column has no empty value; it was a 500).
         del changes["gpu_provider"]
-    if changes.get("vastai_instance_id") is not None:
-        if not VastInstance.objects.filter(vast_id=changes["vastai_instance_id"]).exists():
-            raise HttpError(422, f"vastai_instance_id: no known vast.ai instance {changes['vastai_instance_id']}.")
-    config = domain.update_config(changes, user=request.auth, source="api")
+    try:
+        config = adoption.configure(changes, user=request.auth, source="api")
+    except adoption.AdoptionError as exc:
+        raise HttpError(exc.status, exc.message) from None
     return config_out(config)
 
 
@@ -208,6 +249,9 @@ class InstanceOut(Schema):
     cost_usd: float
     comfyui_url: Optional[str]
     origin: str
+    auto_destroy: bool
+    can: list[str] = []
+    cannot: list[str] = []
     active_jobs: int
     created_at: datetime
     ready_at: Optional[datetime]
@@ -321,4 +365,20 @@ def vastai_destroy_instance(request, instance_id: str):
         instance = lifecycle.destroy_instance(instance, f"destroyed by {request.auth.get_username()} through the API")
     except lifecycle.ProvisioningError as exc:
         raise _provisioning_error(exc) from None
+    return lifecycle.instance_json(instance)
+
+
+class InstancePatchIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    auto_destroy: bool
+
+
+@router.patch("/vastai/instances/{instance_id}", response={200: InstanceOut, 403: VastError, 404: VastError},
+              summary="Switch auto-destroy (the idle reaper and the daily spend cap) for one instance")
+def vastai_patch_instance(request, instance_id: str, payload: InstancePatchIn):
+    from gpu import lifecycle
+
+    _require_staff_for(request, "change vast.ai instances")
+    instance = adoption.set_auto_destroy(_instance_by_public_id(instance_id), payload.auto_destroy)
     return lifecycle.instance_json(instance)

@@ -16,6 +16,7 @@ from django.db.models import F, Max
 from django.utils import timezone
 
 from gpu.models import ComfyUIServer, GpuConfig, PlaceHealth, VastInstance
+from gpu.tunnel import instance_for_url
 
 # A URL that refused a job is left alone this long before the scheduler tries it again.
 DOWN_RETRY_SECONDS = 15
@@ -86,6 +87,12 @@ def expected_boot_seconds(config: GpuConfig | None = None) -> float:
 def _config_place(config) -> Place | None:
     if not config.comfyui_url:
         return None
+    instance = instance_for_url(config.comfyui_url)
+    if instance is not None:
+        # A vast.ai instance's URL (one the user rented and named): one place, its busy time, its price.
+        return Place(CONFIG, config.comfyui_url, config.comfyui_token or instance.web_password, config.slots_per_gpu,
+                     instance.dph_total, instance.gpu_name or f"url:{config.comfyui_url}",
+                     f"ComfyUI at {config.comfyui_url} (vast.ai instance {instance.vast_id})", instance_id=instance.pk)
     return Place(CONFIG, config.comfyui_url, config.comfyui_token, config.slots_per_gpu, config.comfyui_dph,
                  f"url:{config.comfyui_url}", f"ComfyUI at {config.comfyui_url}")
 
@@ -112,7 +119,8 @@ def places(config: GpuConfig | None = None, now=None) -> list[Place]:
     if (place := _config_place(config)) is not None:
         found.append(place)
     found += [_server_place(s, config) for s in ComfyUIServer.objects.filter(enabled=True)]
-    live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE))
+    # An instance behind the configured URL is that place already, not a second one.
+    live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE).exclude(pk=place.instance_id if place else None))
     if live:
         boot = expected_boot_seconds(config)
         found += [_instance_place(i, config, boot) for i in live]

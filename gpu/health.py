@@ -52,6 +52,7 @@ def model_check(url, token, workflow_slug) -> tuple[list[str], list[str]]:
 
 def health_report(config) -> dict:
     from gpu.probe import gpu_label, probe
+    from gpu.tunnel import configured_token
 
     report = {
         "provider": config.gpu_provider,
@@ -65,13 +66,14 @@ def health_report(config) -> dict:
         "details": {},
     }
     if config.comfyui_url:
-        result = probe(config.comfyui_url, token=config.comfyui_token)
+        token = configured_token(config)
+        result = probe(config.comfyui_url, token=token)
         report["comfyui_status"] = _status(result)
         report["details"]["comfyui"] = result["details"]
         for dev in result["details"].get("devices", []):
             report["models_available"].append(f"GPU: {gpu_label(dev['name'])}")
         if result["ready"]:
-            present, missing = model_check(config.comfyui_url, config.comfyui_token, config.default_workflow)
+            present, missing = model_check(config.comfyui_url, token, config.default_workflow)
             report["models_available"] += present
             report["models_missing"] = missing
     if config.swarmui_url:

@@ -28,6 +28,7 @@ from gpu.domain import ProvisioningError, vast_client, vast_error
 from gpu.models import BadMachine, GpuConfig, VastInstance
 from gpu.offers import BAD_MACHINE_DAYS, bad_machines, check_spend, policy_filters, policy_text
 from gpu.onstart import build_onstart, drop_provisioning_script, instance_env, manifest, require_r2_for
+from gpu.tunnel import comfyui_tunnel, quick_tunnels
 from gpu.vastai import DEAD_STATUSES, VastAIError, comfyui_url_of, portal_url_of
 
 log = logging.getLogger(__name__)
@@ -255,22 +256,7 @@ def _list_entry(vast_id) -> dict | None:
 
 def tunnel_url(portal_url, token) -> str | None:
     """The Cloudflare quick-tunnel URL of ComfyUI (port 8188), read from the instance portal."""
-    from gpu import netguard
-
-    import httpx
-
-    try:
-        with netguard.http_client(timeout=httpx.Timeout(10.0, connect=5.0), follow_redirects=False) as http:
-            resp = http.get(f"{portal_url}/get-all-quick-tunnels", headers={"Authorization": f"Bearer {token}"})
-        tunnels = resp.json() if resp.status_code == 200 else []
-    except (httpx.HTTPError, ValueError):
-        return None
-    for entry in tunnels if isinstance(tunnels, list) else []:
-        if isinstance(entry, dict) and str(entry.get("targetUrl", "")).rstrip("/").endswith(":8188"):
-            url = str(entry.get("tunnelUrl") or "").rstrip("/")
-            if url.startswith(("https://", "http://")):
-                return url
-    return None
+    return comfyui_tunnel(quick_tunnels(portal_url, token))
 
 
 def wait_until_ready(instance) -> Step:
@@ -502,6 +488,9 @@ def instance_json(instance, now=None) -> dict:
         "cost_usd": float(cost),
         "comfyui_url": instance.comfyui_url or None,
         "origin": instance.origin,
+        "auto_destroy": instance.auto_destroy,
+        "can": list((instance.template or {}).get("can") or []),
+        "cannot": list((instance.template or {}).get("cannot") or []),
         "active_jobs": capacity.active_jobs(instance.pk),
         "created_at": instance.created_at,
         "ready_at": instance.ready_at,

@@ -113,6 +113,21 @@ class IllegalTransition(Exception):
     pass
 
 
+class VastInstanceQuerySet(models.QuerySet):
+    def reapable(self):
+        """Live instances i2v may destroy on its own (the idle reaper): its own rentals, and an
+        instance the user rented in the console only once they switched auto_destroy on."""
+        return self.filter(state__in=VastInstance.LIVE, auto_destroy=True)
+
+    def under_spend_cap(self):
+        """The instances the daily spend cap counts: the same consent as the reaper's."""
+        return self.filter(auto_destroy=True)
+
+    def reconcilable(self):
+        """Rows the reconciler may destroy or relabel: never an adopted instance."""
+        return self.exclude(origin=VastInstance.Origin.ADOPTED)
+
+
 class VastInstance(models.Model):
     """One rented vast.ai instance and what it has cost."""
 
@@ -140,6 +155,7 @@ class VastInstance(models.Model):
         MANUAL = "manual"  # the API, the admin or a management command
         JOB = "job"  # a job needed a GPU and none was live
         SCALE_OUT = "scale-out"  # jobs waited too long
+        ADOPTED = "adopted"  # rented by the user in the vast.ai console, then named in the GPU config
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vast_id = models.BigIntegerField(null=True, blank=True, unique=True)
@@ -174,6 +190,15 @@ class VastInstance(models.Model):
     portal_url = models.URLField(max_length=500, blank=True)
     provisioning_key = models.CharField(max_length=300, blank=True, help_text="R2 key of its generated provisioning script")
     destroy_reason = models.CharField(max_length=300, blank=True)
+    auto_destroy = models.BooleanField(
+        default=True, help_text="Destroyed when idle and counted in the daily spend cap. Off by default for an instance "
+                                "you rented yourself in the vast.ai console (i2v never destroys it without consent).")
+    template = models.JSONField(default=dict, blank=True, editable=False,
+                                help_text="What adoption found the instance runs (image, ports, tokens) and what i2v "
+                                          "can and cannot do with it")
+    tunnel_checked_at = models.DateTimeField(null=True, blank=True, help_text="When the portal was last asked for the tunnel URL")
+
+    objects = VastInstanceQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]

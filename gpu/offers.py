@@ -83,11 +83,12 @@ def offer_json(offer: dict) -> dict:
 
 
 def spend_today(now=None) -> Decimal:
-    """What vast.ai rentals have cost since midnight UTC: $/hour × time rented today."""
+    """What vast.ai rentals have cost since midnight UTC: $/hour × time rented today (an instance the
+    user rented in the console counts once they switch its auto_destroy on)."""
     now = now or timezone.now()
     start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     total = Decimal(0)
-    rows = VastInstance.objects.filter(vast_id__isnull=False, created_at__lt=now).filter(
+    rows = VastInstance.objects.under_spend_cap().filter(vast_id__isnull=False, created_at__lt=now).filter(
         Q(destroyed_at__isnull=True) | Q(destroyed_at__gt=start))
     for inst in rows:
         begin, end = max(inst.created_at, start), min(inst.destroyed_at or now, now)

@@ -3,6 +3,7 @@
 import logging
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 from django.db.models import Q
 from django.utils import timezone
@@ -10,7 +11,7 @@ from django.utils import timezone
 from gpu.domain import vast_client, vast_error
 from gpu.lifecycle import LABEL_PREFIX, ProvisioningError, destroy_instance, mark_gone, save_cost, update_instance
 from gpu.models import VastInstance
-from gpu.vastai import DEAD_STATUSES, VastAIError
+from gpu.vastai import DEAD_STATUSES, VastAIError, portal_url_of
 
 log = logging.getLogger(__name__)
 St = VastInstance.State
@@ -42,6 +43,21 @@ def _row_for_label(label) -> VastInstance | None:
     return VastInstance.objects.filter(pk=pk).first()
 
 
+def _follow_adopted(row: VastInstance, info: dict, now) -> None:
+    """Record what vast.ai says of an instance the user rented (no boot to wait for, nothing to destroy):
+    its status and price, and `running` once it runs."""
+    actual = str(info.get("actual_status") or "")
+    fields = {"actual_status": actual[:20], "checked_at": now, "status_msg": str(info.get("status_msg") or "")[:500]}
+    if info.get("dph_total") is not None:
+        fields["dph_total"] = Decimal(str(round(float(info["dph_total"]), 4)))
+    portal = portal_url_of(info)
+    if portal:
+        fields["portal_url"] = portal
+    update_instance(row, **fields)
+    if actual == "running" and row.state == St.LOADING:
+        row.transition(St.RUNNING)
+
+
 def reconcile(now=None) -> dict:
     """Make vast.ai and the database agree; every change is listed in the returned report.
 
@@ -49,7 +65,8 @@ def reconcile(now=None) -> dict:
       destroyed, are destroyed (a rental whose row never learned its id is adopted);
     - rows vast.ai no longer has are marked destroyed;
     - unfinished destroys are retried, a running instance that died is destroyed;
-    - reservations that never got a rental are failed, stalled wait tasks restarted.
+    - reservations that never got a rental are failed, stalled wait tasks restarted;
+    - instances the user rented in the console (adopted) only have their status recorded.
     """
     from django_q.tasks import async_task
 
@@ -61,8 +78,13 @@ def reconcile(now=None) -> dict:
         except VastAIError as exc:
             raise vast_error(exc, "Listing vast.ai instances failed") from None
         by_id = {i["id"]: i for i in listed if isinstance(i.get("id"), int)}
+        adopted = {r.vast_id: r for r in VastInstance.objects.filter(origin=VastInstance.Origin.ADOPTED,
+                                                                      state__in=VastInstance.LIVE, vast_id__in=list(by_id))}
 
         for vast_id, info in by_id.items():
+            if vast_id in adopted:
+                _follow_adopted(adopted[vast_id], info, now)
+                continue  # the user's own rental: never relabelled, never destroyed as an orphan
             label = str(info.get("label") or "")
             if not label.startswith(LABEL_PREFIX):
                 continue  # not ours
@@ -117,7 +139,7 @@ def reconcile(now=None) -> dict:
             report["failed_reservations"].append(str(row.pk))
 
     stale = now - timedelta(seconds=STALE_WAIT)
-    for row in VastInstance.objects.filter(state__in=VastInstance.BOOTING, vast_id__isnull=False).filter(
+    for row in VastInstance.objects.reconcilable().filter(state__in=VastInstance.BOOTING, vast_id__isnull=False).filter(
             Q(checked_at__lt=stale) | Q(checked_at__isnull=True, created_at__lt=stale)):
         async_task("gpu.tasks.wait_for_instance", str(row.pk), group="gpu")
         report["restarted_waits"].append(row.vast_id)

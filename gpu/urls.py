@@ -10,6 +10,8 @@ urlpatterns = [
     path("config", views.config_update, name="config"),
     path("instances", views.instances, name="instances"),
     path("instances/<uuid:instance_id>/destroy", views.destroy, name="destroy"),
+    path("instances/<uuid:instance_id>/auto-destroy", views.auto_destroy, name="auto_destroy"),
+    path("adopt", views.adopt, name="adopt"),
     path("offers", views.offers, name="offers"),
     path("rent", views.rent, name="rent"),
 ]

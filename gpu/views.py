@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from gpu import capacity
+from gpu import adoption, capacity
 from gpu.domain import PROBE_STAFF_ONLY, may_probe
 from gpu.models import GpuConfig, VastInstance
 from gpu.urls_check import split_token, validate_service_url
@@ -56,7 +56,7 @@ def instance_rows(config, now=None):
     for inst in VastInstance.objects.exclude(gone).order_by("-created_at"):
         busy = capacity.active_jobs(inst.pk) > 0
         left = None
-        if inst.state == State.RUNNING and not busy:
+        if inst.state == State.RUNNING and not busy and inst.auto_destroy:
             # The scheduler's idle clock: the latest of busy, ready, last job, created.
             since = capacity.idle_since(inst)
             left = max(0.0, (since + timedelta(minutes=config.idle_minutes) - now).total_seconds())
@@ -67,6 +67,7 @@ def instance_rows(config, now=None):
             "busy": busy,
             "time_left": left,
             "destroyable": inst.state not in (State.DESTROYING, State.DESTROYED),
+            "adopted": inst.origin == VastInstance.Origin.ADOPTED,
         })
     return rows
 
@@ -100,12 +101,21 @@ def _context(request, **extra):
         "configured": bool(config.comfyui_url or config.swarmui_url or rows),
         "config_form": {"comfyui_url": config.comfyui_url, "swarmui_url": config.swarmui_url},
         "config_errors": {},
+        "adopt_form": {"vastai_instance_id": "", "comfyui_url": ""},
+        "adopt_error": "",
+        "configured_instance": _configured_instance(config),
         "test_url": (config.comfyui_url or config.swarmui_url) if request.user.is_staff else "",
         # Nothing to probe: the report is instant, so the page shows it at once.
         "health": None if (config.comfyui_url or config.swarmui_url) else _health(),
     }
     context.update(extra)
     return context
+
+
+def _configured_instance(config):
+    """The vast.ai instance the configuration names, while it is live (for "what i2v can do with it")."""
+    inst = adoption.configured_instance(config)
+    return inst if inst is not None and inst.state in VastInstance.LIVE else None
 
 
 def _tone(status):
@@ -232,13 +242,27 @@ def instances(request):
     return render(request, "gpu/gpu.html#instances", _context(request))
 
 
-@require_POST
-@login_required
-def destroy(request, instance_id):
+def _staff_instance(request, instance_id) -> VastInstance:
     _require_staff(request)
     inst = VastInstance.objects.filter(pk=instance_id).first()
     if inst is None:
         raise Http404("No such instance.")
+    return inst
+
+
+def _instances_notice(request, level, text):
+    """The instances table with `text` above it (HTMX), else the page with the message."""
+    if request.htmx:
+        tag = messages.DEFAULT_TAGS.get(level, "info")
+        return render(request, "gpu/gpu.html#instances", _context(request, notice=text, notice_level=tag))
+    messages.add_message(request, level, text)
+    return redirect("gpu:index")
+
+
+@require_POST
+@login_required
+def destroy(request, instance_id):
+    inst = _staff_instance(request, instance_id)
     provisioning = _provisioning()
     if provisioning is None:
         level, text = messages.ERROR, NO_PROVISIONING
@@ -251,11 +275,7 @@ def destroy(request, instance_id):
             level, text = messages.ERROR, f"Could not destroy instance {inst.vast_id or inst.id}: {exc}"
         else:
             level, text = messages.SUCCESS, f"Instance {inst.vast_id or inst.id} is being destroyed."
-    if request.htmx:
-        tag = messages.DEFAULT_TAGS.get(level, "info")
-        return render(request, "gpu/gpu.html#instances", _context(request, notice=text, notice_level=tag))
-    messages.add_message(request, level, text)
-    return redirect("gpu:index")
+    return _instances_notice(request, level, text)
 
 
 def _offers(config):
@@ -325,3 +345,49 @@ def rent(request):
             label = getattr(inst, "gpu_name", "") or "the GPU"
             messages.success(request, f"Renting {label}: it boots and loads the models in a few minutes.")
     return HttpResponseClientRedirect(reverse("gpu:index")) if request.htmx else redirect("gpu:index")
+
+
+@require_POST
+@login_required
+def adopt(request):
+    """Staff name an instance they rented in the vast.ai console: i2v tracks its cost and can destroy it."""
+    _require_staff(request)
+    form = {key: (request.POST.get(key) or "").strip() for key in ("vastai_instance_id", "comfyui_url")}
+    changes, error = {}, ""
+    if not form["vastai_instance_id"].isdigit():
+        error = "Enter the instance's number from the vast.ai console (Instances page), e.g. 29829389."
+    else:
+        changes["vastai_instance_id"] = int(form["vastai_instance_id"])
+    if not error and form["comfyui_url"]:
+        try:
+            changes["comfyui_url"], token = split_token(validate_service_url(form["comfyui_url"]))
+        except ValueError as exc:
+            error = f"The URL {exc}."
+        else:
+            if token:
+                changes["comfyui_token"] = token
+    if not error:
+        try:
+            adoption.configure(changes, user=request.user, source="web")
+        except adoption.AdoptionError as exc:
+            error = str(exc).removeprefix("vastai_instance_id: ")
+    if error:
+        context = {"adopt_form": form, "adopt_error": error}
+        if request.htmx:
+            return render(request, "gpu/gpu.html#adopt-form", context, status=422)
+        return render(request, "gpu/gpu.html", _context(request, **context), status=422)
+    messages.success(request, f"Using vast.ai instance {changes['vastai_instance_id']}: its cost is tracked here.")
+    return HttpResponseClientRedirect(reverse("gpu:index")) if request.htmx else redirect("gpu:index")
+
+
+@require_POST
+@login_required
+def auto_destroy(request, instance_id):
+    """Switch the idle reaper and the daily spend cap on or off for one instance."""
+
+    inst = _staff_instance(request, instance_id)
+    on = request.POST.get("on") == "1"
+    adoption.set_auto_destroy(inst, on)
+    text = (f"Auto-destroy is on for instance {inst.vast_id}: it is destroyed after {GpuConfig.get().idle_minutes} idle "
+            "minutes." if on else f"Auto-destroy is off for instance {inst.vast_id}: i2v will not destroy it.")
+    return _instances_notice(request, messages.SUCCESS, text)

@@ -60,6 +60,9 @@ class Api:
             return self.client.post(path, data=data or {}, content_type="application/json", headers=self._headers(headers), **kw)
         return self.client.post(path, data=data or {}, headers=self._headers(headers), **kw)
 
+    def patch(self, path, data=None, headers=None, **kw):
+        return self.client.patch(path, data=data or {}, content_type="application/json", headers=self._headers(headers), **kw)
+
     def delete(self, path, headers=None, **kw):
         return self.client.delete(path, headers=self._headers(headers), **kw)
 

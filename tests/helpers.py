@@ -1,6 +1,11 @@
 import contextlib
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
@@ -59,3 +64,30 @@ def configured_comfyui(**double_kwargs):
         config.gpu_provider = "local"
         config.save()
         yield double
+
+
+@contextlib.contextmanager
+def qcluster(**extra_env):
+    """A real django-q2 worker (manage.py qcluster) on the test database and broker, with `extra_env`
+    (e.g. VASTAI_API_URL pointing at a double); stopped with SIGTERM, killed if it lingers."""
+    from django.conf import settings
+    from django.db import connection
+
+    env = dict(os.environ)
+    env.update({
+        "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
+        "I2V_DATA_DIR": str(settings.DATA_DIR),
+        "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+        "I2V_Q_NAME": settings.Q_CLUSTER["name"],
+        **{key: str(value) for key, value in extra_env.items()},
+    })
+    proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=Path(__file__).resolve().parents[1], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

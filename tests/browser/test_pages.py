@@ -308,3 +308,52 @@ def test_every_page_runs_under_the_csp_without_a_violation(page, live_server, st
     page.goto(f"{live_server.url}/api/docs")
     expect(page.get_by_text("/api/generate-video").first).to_be_visible()
     assert page.csp_violations == []
+
+
+def test_use_an_instance_i_rented_see_its_cost_switch_auto_destroy_and_destroy_it(page, live_server, staff, workflows,
+                                                                                  settings, monkeypatch, shots):
+    from gpu import tunnel
+
+    monkeypatch.setattr("django_q.tasks.async_task", lambda *args, **kw: None)
+    with ComfyUIDouble(token="console-password") as comfy, VastAIDouble(comfyui_port=comfy.port) as vast:
+        settings.VASTAI_API_KEY, settings.VASTAI_API_URL = vast.api_key, vast.url
+        vast_id = vast.create_console_instance(web_password="console-password", label="my wan box", dph_base=0.412)
+        vast.update_instance(vast_id, start_date=time.time() - 2 * 3600)
+        old_url = vast.tunnel_url(vast_id)
+        log_in(page, live_server, username="carol", password="carol-pass-123", next_path="/gpu/")
+
+        form = page.locator("#adopt-form")
+        form.get_by_label("vast.ai instance id").fill("31337")
+        form.get_by_role("button", name="Use this instance").click()
+        expect(page.locator("#error-adopt")).to_contain_text("vast.ai has no instance 31337 on this account")
+
+        page.locator("#adopt-form").get_by_label("vast.ai instance id").fill(str(vast_id))
+        page.locator("#adopt-form").get_by_label("Its Open URL").fill(old_url)
+        page.locator("#adopt-form").get_by_role("button", name="Use this instance").click()
+        expect(page.get_by_text(f"Using vast.ai instance {vast_id}: its cost is tracked here.")).to_be_visible()
+        inst = VastInstance.objects.get(vast_id=vast_id)
+        row = page.locator(f"#instance-{inst.id}")
+        expect(row).to_contain_text("rented by you")
+        expect(row).to_contain_text("$0.42")  # $/hour
+        expect(row).to_contain_text("$0.8")  # two hours of it so far
+        expect(row.locator(".auto-destroy")).to_contain_text("off")
+        expect(page.locator("#adopted-report")).to_contain_text("i2v follows the tunnel: when its URL changes")
+        expect(page.locator("#health")).to_contain_text("available (API ready)")  # with the instance's own password
+        shots(page, "gpu-adopted")
+
+        row.get_by_role("button", name=re.compile("Turn auto-destroy on")).click()
+        expect(page.locator("#instances")).to_contain_text(f"Auto-destroy is on for instance {vast_id}")
+        expect(page.locator(f"#instance-{inst.id} .auto-destroy")).to_contain_text("in ")  # the idle countdown
+        inst.refresh_from_db()
+        assert inst.auto_destroy
+
+        # The tunnel rotates; a job finding the old URL dead makes i2v follow it; the page shows the new URL.
+        new_url = vast.rotate_tunnel(vast_id)
+        assert tunnel.follow_tunnel(old_url) == new_url
+        page.reload()
+        expect(page.locator("#connection-heading + dl")).to_contain_text(new_url)
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.locator(f"#instance-{inst.id}").get_by_role("button", name=re.compile("Destroy")).click()
+        expect(page.locator("#instances")).to_contain_text("is being destroyed")
+        assert vast.instances[vast_id]["destroyed"] and vast.instances[vast_id]["label"] == "my wan box"

@@ -56,6 +56,10 @@ Knobs (constructor keyword arguments and attributes; change them at any time):
 - ``heartbeat_gap(instance_id, seconds)``: the instance reports ``unknown`` for that many
   seconds of the double's clock, then what it reported before; ``advance_clock(seconds)``
   moves that clock on without sleeping.
+- ``create_console_instance(...)``: an instance rented in the vast.ai console from the
+  ComfyUI template (label empty or the user's, the template's env and ports), with a real
+  Instance Portal on 1111 and a quick tunnel to ComfyUI (tests/doubles/vast_portal.py);
+  ``tunnel_url(id)``, ``rotate_tunnel(id, old="gone"|"refused")``, ``portal(id)``.
 
 Patterns are fnmatch patterns on the path after ``/api/v0``, e.g. ``"/instances/*"``,
 ``"/asks/*"``, ``"/bundles/"``; v1 paths keep their prefix: ``"/api/v1/instances/"``.
@@ -79,6 +83,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.doubles.base import LoopServer
+from tests.doubles.vast_portal import InstancePortal, QuickTunnel
 
 API_PREFIX = "/api/v0"
 V1_PREFIX = "/api/v1"
@@ -96,6 +101,10 @@ LABEL_SET_MAX = 1024
 DISK_MIN = 8
 # The ports of Vast's ComfyUI template, used when an instance is created from a template.
 TEMPLATE_PORTS = (1111, 8188, 8288)
+COMFY_IMAGE = "vastai/comfy:v0.3.64-cuda-12.8-py312"
+COMFY_TEMPLATE_HASH = "2188dfd3e0a0b83691bb468ddae0a4e5"
+COMFY_PORTAL_CONFIG = ("localhost:1111:11111:/:Instance Portal|localhost:8188:18188:/:ComfyUI|"
+                       "localhost:8288:18288:/docs:API Wrapper|localhost:8080:18080:/:Jupyter")
 RATE_LIMIT_DETAIL = "API requests too frequent endpoint threshold=4.5"
 JSON_BODY = web.RequestKey("json_body", object)
 
@@ -213,6 +222,8 @@ class _Meta:
     pinned: bool = False
     gap_until: float | None = None
     host_ports: dict = field(default_factory=dict)
+    portal: object = None  # the InstancePortal of an instance made with create_console_instance
+    tunnels: list = field(default_factory=list)  # its QuickTunnels, the current one last
 
 
 class _Invalid(Exception):
@@ -375,6 +386,75 @@ class VastAIDouble(LoopServer):
         with self._lock:
             self._instances[int(instance_id)].update(fields)
 
+    def create_console_instance(self, *, gpu_name="RTX 4090", dph_base=0.345, label=None, web_password=None,
+                                portal=True, https=False, image=COMFY_IMAGE, status="running", offer_id=None,
+                                template_hash=COMFY_TEMPLATE_HASH, disk=40) -> int:
+        """An instance rented in the vast.ai console from the ComfyUI template (not through the API's
+        create call): its label empty or the user's own, the template's env (OPEN_BUTTON_TOKEN=1,
+        PORTAL_CONFIG, ENABLE_HTTPS, WEB_PASSWORD only if the user set one) and ports. Pinned at
+        `status`. With `portal`, port 1111 is a real InstancePortal whose quick tunnel to 8188 (a
+        QuickTunnel to ``comfyui_port``) a test can rotate; `portal=False` maps no 1111 at all."""
+        env = {"-p 8188:8188": "1", "-p 8288:8288": "1", "OPEN_BUTTON_PORT": "1111", "OPEN_BUTTON_TOKEN": "1",
+               "ENABLE_HTTPS": "true" if https else "false", "COMFYUI_ARGS": "--disable-auto-launch --port 18188 --enable-cors-header"}
+        if portal:
+            env = {"-p 1111:1111": "1", **env, "PORTAL_CONFIG": COMFY_PORTAL_CONFIG}
+        else:
+            env["PORTAL_CONFIG"] = "localhost:8188:18188:/:ComfyUI"
+        if web_password:
+            env["WEB_PASSWORD"] = web_password
+        with self._lock:
+            iid = self._next_instance_id
+            self._next_instance_id += 1
+            offer = make_offer(offer_id or 7390000 + iid % 10000, gpu_name, dph_base)
+            body = {"image": image, "env": env, "label": label, "disk": disk, "runtype": "jupyter_direct",
+                    "onstart": "entrypoint.sh", "template_hash_id": template_hash}
+            inst, meta = self._new_instance(iid, offer, body, env)
+            self._instances[iid], self._meta[iid] = inst, meta
+            meta.pinned = True
+            self._set_status(inst, status)
+        if portal:
+            tokens = {inst["jupyter_token"], web_password}
+            meta.portal = InstancePortal(tokens, self.public_ipaddr).start()
+            meta.host_ports[1111] = meta.portal.port
+            if self.comfyui_port is not None:
+                meta.portal.direct_ports[8188] = self.comfyui_port
+                self._open_tunnel(meta)
+        return iid
+
+    def _open_tunnel(self, meta):
+        tunnel = QuickTunnel(self.comfyui_port).start()
+        meta.tunnels.append(tunnel)
+        meta.portal.tunnels[:] = [{"targetUrl": "http://localhost:8188", "tunnelUrl": tunnel.url}]
+        return tunnel
+
+    def tunnel_url(self, instance_id) -> str:
+        """The current quick-tunnel URL of ComfyUI (what the console's Open button leads to)."""
+        return self._meta[int(instance_id)].tunnels[-1].url
+
+    def tunnel(self, instance_id) -> QuickTunnel:
+        return self._meta[int(instance_id)].tunnels[-1]
+
+    def portal(self, instance_id) -> InstancePortal:
+        return self._meta[int(instance_id)].portal
+
+    def rotate_tunnel(self, instance_id, old="gone") -> str:
+        """cloudflared restarted: a new quick-tunnel URL, which the portal now lists. The old URL then
+        answers Cloudflare's 530 / error 1033 (old="gone") or refuses connections (old="refused")."""
+        meta = self._meta[int(instance_id)]
+        previous = meta.tunnels[-1]
+        if old == "refused":
+            previous.stop()
+        else:
+            previous.gone()
+        return self._open_tunnel(meta).url
+
+    def stop(self):
+        for meta in list(self._meta.values()):
+            for server in [meta.portal, *meta.tunnels]:
+                if server is not None:
+                    server.stop()
+        super().stop()
+
     def add_offer(self, offer_id, gpu_name, dph_base, **kwargs) -> dict:
         offer = make_offer(offer_id, gpu_name, dph_base, **kwargs)
         with self._lock:
@@ -469,6 +549,8 @@ class VastAIDouble(LoopServer):
             self._set_status(inst, status)
 
     def _host_port(self, iid, port) -> str:
+        if port in self._meta[iid].host_ports:
+            return str(self._meta[iid].host_ports[port])
         if port == 8188 and self.comfyui_port is not None:
             return str(self.comfyui_port)
         if port == 1111 and self.portal_port is not None:

@@ -41,7 +41,7 @@ def probe(staff_api, url, **extra):
 def test_config_get_has_the_seed_shape(api):
     body = api.get("/api/gpu/config").json()
     assert body == {"comfyui_url": None, "comfyui_available": False, "swarmui_url": None, "swarmui_available": False,
-                    "gpu_provider": "none", "vastai_instance_id": None}
+                    "gpu_provider": "none", "vastai_instance_id": None, "vastai_instance": None}
 
 
 def test_config_post_updates_and_reports_availability(staff_api, staff, comfy):

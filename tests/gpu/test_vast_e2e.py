@@ -8,7 +8,6 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.utils import timezone
 
@@ -19,9 +18,8 @@ from gpu.models import ModelFile
 from gpu import tasks as gpu_tasks
 from gpu.models import GpuConfig, VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
-from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids
+from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids, smoke_job
 from tests.generation.test_worker_e2e import start_worker  # noqa: F401 (fixture)
-from tests.helpers import png_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 S = VideoJob.Status
@@ -35,16 +33,6 @@ def run_to_end(job, slices=30) -> VideoJob:
         job.refresh_from_db()
         if job.is_terminal:
             break
-    return job
-
-
-def smoke_job(owner) -> VideoJob:
-    wf = Workflow.objects.get(slug="smoke")
-    d = wf.defaults
-    job = VideoJob(owner=owner, prompt="a dragon turns its head", workflow=wf, workflow_slug=wf.slug, width=d["width"],
-                   height=d["height"], frames=d["frames"], fps=d["fps"], steps=d.get("steps"))
-    job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
-    job.save()
     return job
 
 

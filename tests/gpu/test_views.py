@@ -335,3 +335,46 @@ def test_rent_without_provisioning_says_so(as_staff, monkeypatch):
     monkeypatch.setattr(views, "_provisioning", lambda: None)
     html = as_staff.post("/gpu/rent", {"offer_id": "1"}, follow=True).content.decode()
     assert "needs the provisioning module" in html and not VastInstance.objects.exists()
+
+
+def test_staff_adopt_an_instance_rented_in_the_console_and_see_what_i2v_can_do(as_staff, vast):
+    vast_id = vast.create_console_instance(portal=False, label="mine")
+
+    resp = as_staff.post("/gpu/adopt", {"vastai_instance_id": str(vast_id)}, follow=True)
+
+    html = resp.content.decode()
+    inst = VastInstance.objects.get(vast_id=vast_id)
+    assert inst.origin == "adopted" and not inst.auto_destroy
+    assert f"Using vast.ai instance {vast_id}: its cost is tracked here." in html
+    assert "No portal on 1111: i2v cannot follow the tunnel; paste the URL when it changes." in html
+    assert f'id="auto-destroy-{inst.id}"' in html and "rented by you" in html
+    assert GpuConfigChange.objects.filter(field="vastai_instance_id", source="web").exists()
+
+
+def test_adopting_an_id_that_is_not_on_the_account_shows_the_error_in_the_form(as_staff, vast):
+    resp = as_staff.post("/gpu/adopt", {"vastai_instance_id": "31337"}, headers=HX)
+
+    assert resp.status_code == 422
+    html = resp.content.decode()
+    assert html.lstrip().startswith('<form id="adopt-form"') and "vast.ai has no instance 31337 on this account" in html
+    assert not VastInstance.objects.exists() and GpuConfig.get().vastai_instance_id is None
+
+
+def test_adopting_is_for_staff_only(as_user, vast):
+    vast_id = vast.create_console_instance(portal=False)
+    assert as_user.post("/gpu/adopt", {"vastai_instance_id": str(vast_id)}).status_code == 403
+    assert not VastInstance.objects.exists()
+
+
+def test_auto_destroy_is_switched_on_in_one_click(as_staff, vast):
+    vast_id = vast.create_console_instance(portal=False)
+    as_staff.post("/gpu/adopt", {"vastai_instance_id": str(vast_id)})
+    inst = VastInstance.objects.get(vast_id=vast_id)
+
+    html = as_staff.post(f"/gpu/instances/{inst.id}/auto-destroy", {"on": "1"}, headers=HX).content.decode()
+
+    inst.refresh_from_db()
+    assert inst.auto_destroy and f"Auto-destroy is on for instance {vast_id}" in html and "Turn off" in html
+    as_staff.post(f"/gpu/instances/{inst.id}/auto-destroy", {"on": "0"})
+    inst.refresh_from_db()
+    assert not inst.auto_destroy

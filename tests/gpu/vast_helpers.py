@@ -6,17 +6,20 @@ Import the fixtures into a test module: ``from tests.gpu.vast_helpers import *``
 
 import boto3
 import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
 
 from generation.domain import sync_shipped_workflows
-from generation.models import Workflow
+from generation.models import VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu import lifecycle, reconciler
 from gpu.models import GpuConfig, VastInstance
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.doubles.vastai import VastAIDouble
+from tests.helpers import png_bytes
 
 __all__ = ["comfy", "vast", "vast_settings", "queued", "policy", "r2_settings", "rent", "boot_to_ready",
-           "live_vast_ids"]
+           "live_vast_ids", "smoke_job"]
 
 CHEAPEST_MATCHING = 7310001  # RTX 4090 $0.345: the 3090, the unverified and the unreliable ones fail the policy
 NEXT_CHEAPEST = 7310007  # RTX 5090 $0.548 (the $0.401 4090 is on a 95 Mbps line)
@@ -111,3 +114,14 @@ def boot_to_ready(instance, vast, comfy) -> VastInstance:
 
 def live_vast_ids(vast) -> list[int]:
     return [i["id"] for i in vast.live_instances()]
+
+
+def smoke_job(owner, prompt="a dragon turns its head") -> VideoJob:
+    """A queued job on the smoke workflow (no model files needed), with a stored input image."""
+    wf = Workflow.objects.get(slug="smoke")
+    d = wf.defaults
+    job = VideoJob(owner=owner, prompt=prompt, workflow=wf, workflow_slug=wf.slug, width=d["width"],
+                   height=d["height"], frames=d["frames"], fps=d["fps"], steps=d.get("steps"))
+    job.input_image.name = default_storage.save(f"inputs/{job.id}.png", ContentFile(png_bytes()))
+    job.save()
+    return job
