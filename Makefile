@@ -27,6 +27,7 @@ run: $(VENV)/.runtime
 test: $(VENV)/.dev
 	@# The browser tests drive Debian's Chromium; never `playwright install` (it downloads its own build).
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The long variants (marked `slow`) of tests whose bounded variants run in `make test`.

@@ -41,7 +41,7 @@ from generation import runner, tasks  # noqa: E402
 from generation.models import VideoJob, Workflow  # noqa: E402
 from gpu.comfyui import ComfyUIClient  # noqa: E402
 from gpu.models import GpuConfig  # noqa: E402
-from i2v.models import ApiToken  # noqa: E402
+from i2v.core.tokens import ApiToken  # noqa: E402
 from tests.doubles.comfyui import ComfyUIDouble  # noqa: E402
 from tests.helpers import png_bytes  # noqa: E402
 

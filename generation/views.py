@@ -22,7 +22,7 @@ from pydantic import ValidationError as PydanticValidationError
 from generation.domain import QueueFull
 from generation.inputs import MAX_IMAGE_BYTES, GenerateParams, InputError, clean_image
 from generation.models import VideoJob, Workflow
-from i2v.auth import bearer_user
+from i2v.core.auth import bearer_user
 
 S = VideoJob.Status
 

@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from i2v.models import ApiToken, hash_token
+from i2v.core.tokens import ApiToken, hash_token
 
 
 @admin.register(ApiToken)
@@ -16,7 +16,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if not change:
             import secrets
 
-            from i2v.models import TOKEN_PREFIX
+            from i2v.core.tokens import TOKEN_PREFIX
 
             key = TOKEN_PREFIX + secrets.token_urlsafe(32)
             obj.prefix, obj.key_hash = key[:10], hash_token(key)

@@ -11,7 +11,7 @@ from ninja import Field, NinjaAPI, Schema
 from ninja.responses import Status
 from ninja.errors import AuthenticationError, HttpError, Throttled, ValidationError
 
-from i2v.auth import API_AUTH, LockedOut
+from i2v.core.auth import API_AUTH, LockedOut
 from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)

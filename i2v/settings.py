@@ -304,7 +304,7 @@ AXES_FAILURE_LIMIT = env_int("I2V_LOGIN_FAILURE_LIMIT", 10)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("I2V_LOGIN_LOCKOUT_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
-AXES_CLIENT_IP_CALLABLE = "i2v.auth.client_address"
+AXES_CLIENT_IP_CALLABLE = "i2v.core.auth.client_address"
 AXES_LOCKOUT_CALLABLE = "i2v.views.locked_out"
 AXES_VERBOSE = False
 

@@ -7,7 +7,7 @@ from django.shortcuts import render
 from django.views import defaults
 from django.views.decorators.http import require_http_methods
 
-from i2v.auth import lockout_message, lockout_seconds
+from i2v.core.auth import lockout_message, lockout_seconds
 from i2v.core.webhook_secrets import WebhookSecret
 
 

@@ -3,7 +3,7 @@ import socket
 import pytest
 from django.contrib.auth import get_user_model
 
-from i2v.models import ApiToken
+from i2v.core.tokens import ApiToken
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def free_port():
 def _clear_cache():
     from django.core.cache import cache, caches
 
-    from i2v.models import token_memo
+    from i2v.core.tokens import token_memo
 
     cache.clear()
     caches["throttle"].clear()

@@ -3,7 +3,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from i2v.models import ApiToken, hash_token
+from i2v.core.tokens import ApiToken, hash_token
 
 
 def test_api_without_token_is_401(anon_api):
@@ -91,7 +91,7 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    from i2v.models import token_memo
+    from i2v.core.tokens import token_memo
 
     fake = FakeClock()
     monkeypatch.setattr(token_memo, "clock", fake)

@@ -126,7 +126,7 @@ def test_secrets_never_appear_in_responses_pages_or_logs(client, staff, settings
     from django.core.cache import cache
 
     from generation import tasks
-    from i2v.models import ApiToken
+    from i2v.core.tokens import ApiToken
     from tests.gpu.vast_helpers import VastAIDouble
 
     monkeypatch.setattr(tasks, "enqueue", lambda func, *args: None)

@@ -50,7 +50,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def fuzz_token(db):
     from django.contrib.auth import get_user_model
 
-    from i2v.models import ApiToken
+    from i2v.core.tokens import ApiToken
 
     staff, _ = get_user_model().objects.get_or_create(username="fuzz", defaults={"is_staff": True, "is_superuser": True})
     return ApiToken.issue(staff, name="fuzz")[1]

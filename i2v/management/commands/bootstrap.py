@@ -3,7 +3,7 @@ import secrets
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from i2v.models import ApiToken
+from i2v.core.tokens import ApiToken
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from i2v.models import ApiToken
+from i2v.core.tokens import ApiToken
 
 
 class Command(BaseCommand):

@@ -9,7 +9,7 @@ from django.utils import timezone
 from ninja.errors import HttpError
 from ninja.security import HttpBearer, SessionAuth
 
-from i2v.models import ApiToken
+from i2v.core.tokens import ApiToken
 
 # The name API-token failures are counted under in django-axes (a token has no username).
 API_TOKEN_USERNAME = "(api token)"
