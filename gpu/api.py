@@ -10,7 +10,7 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 from pydantic import ConfigDict, field_validator
 
-from gpu import adoption
+from gpu import adoption, domain
 from gpu.models import GpuConfig, VastInstance
 from gpu.netguard import BlockedURL
 from gpu.urls_check import split_token, validate_service_url

@@ -199,4 +199,4 @@ def test_ports_missing_from_the_by_id_answer_are_read_from_the_list(staff_api, p
     row = VastInstance.objects.get(vast_id=console)
     assert row.portal_url == f"http://127.0.0.1:{vast.portal(console).port}" and row.template["ports"]
     assert "i2v follows the tunnel: when its URL changes, it reads the new one from the portal on 1111." in adopted["can"]
-    assert vast.count("GET", "/instances/") == 1
+    assert vast.count("GET", "/api/v1/instances/") == 1  # the list, asked for this one id

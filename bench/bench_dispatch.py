@@ -1,0 +1,199 @@
+"""Per-job overhead of i2v over ComfyUI's own execution, side by side with a raw client (the floor).
+
+    .venv/bin/python bench/bench_dispatch.py               # 20 in a row and 10 at once, each setup
+    .venv/bin/python bench/bench_dispatch.py --jobs 5      # a quick run
+
+The ComfyUI double runs every prompt for a fixed `--run` seconds. Overhead of a job = the time
+from the client's `POST /api/generate-video` to the client seeing it completed, minus ComfyUI's
+own execution (its history's execution_start → execution_success). Setups, all in one run:
+
+- i2v on SQLite + the ORM broker (`make run`'s defaults), the client waiting with
+  `GET /api/jobs/{id}?wait=60`;
+- i2v on PostgreSQL + Redis, the same;
+- i2v on PostgreSQL + Redis, one `POST` with `Prefer: wait=60`;
+- the floor: a client talking to the same double directly: POST /upload/image, POST /prompt,
+  websocket until the run ends, GET /view.
+
+Goal: median ≤ 100 ms on SQLite, ≤ 50 ms on PostgreSQL + Redis, and ≤ 2 × the floor.
+Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379, as `.ci/run` starts
+them; the database `i2v_bench_dispatch` is dropped and created afresh.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from websockets.sync.client import connect as ws_connect
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.doubles.comfyui import ComfyUIDouble  # noqa: E402
+from tests.helpers import png_bytes  # noqa: E402
+
+PG = "postgres://postgres@127.0.0.1:5432"
+DB = "i2v_bench_dispatch"
+IMAGE = png_bytes()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*cmd, env=None):
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+
+
+def execution_seconds(comfy_url, prompt_id) -> float:
+    item = httpx.get(f"{comfy_url}/history/{prompt_id}", timeout=10).json()[prompt_id]
+    stamps = {name: data.get("timestamp") for name, data in item["status"]["messages"]}
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000
+
+
+class App:
+    """`make run`'s stack (gunicorn with ASGI workers + qcluster via `manage.py runall`)."""
+
+    def __init__(self, comfy_url, postgres_redis: bool):
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
+        env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": tempfile.mkdtemp(prefix="i2v-disp-"),
+                    "HOST": "127.0.0.1", "PORT": str(port), "I2V_Q_NAME": f"i2v-disp-{port}", "I2V_WORKERS": "12",
+                    "WEB_CONCURRENCY": "2", "I2V_MAX_WAITING": "1000", "I2V_MAX_RUNNING": "1000",
+                    "I2V_RATE_GENERATE": "100000/m", "I2V_LOG_LEVEL": "WARNING"})
+        if postgres_redis:
+            sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", DB)
+            sh("createdb", "-h", "127.0.0.1", "-U", "postgres", DB)
+            env.update({"DATABASE_URL": f"{PG}/{DB}", "REDIS_URL": "redis://127.0.0.1:6379/4"})
+        py = sys.executable
+        sh(py, "manage.py", "migrate", "--noinput", env=env)
+        sh(py, "manage.py", "collectstatic", "--noinput", "-v", "0", env=env)
+        self.token = sh(py, "manage.py", "bootstrap", env=env).stdout.split("API token:")[1].split()[0]
+        self.proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+        end = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base}/api/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > end:
+                    raise SystemExit("the app did not come up")
+                time.sleep(0.2)  # waiting for the server to start, not timing anything
+        resp = httpx.post(f"{self.base}/api/gpu/config", headers=self.headers, timeout=30,
+                          json={"comfyui_url": comfy_url, "gpu_provider": "local"})
+        assert resp.status_code == 200, resp.text
+
+    def stop(self):
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def job(self, comfy_url, prefer=False) -> float:
+        """One job through the API; its overhead in seconds."""
+        with httpx.Client(base_url=f"{self.base}/api", headers=self.headers, timeout=90) as api:
+            headers = {"Prefer": "wait=60"} if prefer else {}
+            t0 = time.perf_counter()
+            resp = api.post("/generate-video", headers=headers, data={"prompt": "bench", "workflow": "smoke"},
+                            files={"image": ("in.png", IMAGE, "image/png")})
+            body = resp.json()
+            while body["status"] not in ("completed", "failed", "cancelled"):
+                body = api.get(f"/jobs/{body['id']}", params={"wait": 60}).json()
+            took = time.perf_counter() - t0
+        assert body["status"] == "completed", body
+        return took - execution_seconds(comfy_url, body["prompt_id"])
+
+
+def raw_job(comfy_url) -> float:
+    """The floor: what any client of ComfyUI must do for one clip."""
+    client_id = uuid.uuid4().hex
+    ws_url = comfy_url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+    graph = json.loads((ROOT / "generation/workflows/smoke.json").read_text())
+    with httpx.Client(base_url=comfy_url, timeout=30) as http, ws_connect(ws_url) as ws:
+        t0 = time.perf_counter()
+        name = http.post("/upload/image", files={"image": (f"{client_id}.png", IMAGE, "image/png")},
+                         data={"overwrite": "true"}).json()["name"]
+        prompt = json.loads(json.dumps(graph["graph"]))
+        for node, field in graph["bindings"]["image"]:
+            prompt[node]["inputs"][field] = name
+        prompt_id = http.post("/prompt", json={"prompt": prompt, "client_id": client_id}).json()["prompt_id"]
+        while True:
+            message = ws.recv()
+            if isinstance(message, bytes):
+                continue
+            event = json.loads(message)
+            data = event.get("data") or {}
+            if data.get("prompt_id") == prompt_id and event["type"] in ("execution_success", "execution_error"):
+                break
+            if event["type"] == "executing" and data.get("prompt_id") == prompt_id and data.get("node") is None:
+                break
+        outputs = http.get(f"/history/{prompt_id}").json()[prompt_id]["outputs"]
+        files = [f for out in outputs.values() for key in ("images", "gifs", "videos") for f in out.get(key, [])]
+        with http.stream("GET", "/view", params={"filename": files[0]["filename"], "subfolder": files[0]["subfolder"],
+                                                  "type": files[0]["type"]}) as view:
+            for _ in view.iter_bytes():
+                pass
+        took = time.perf_counter() - t0
+    return took - execution_seconds(comfy_url, prompt_id)
+
+
+def figures(name, overheads):
+    ms = sorted(1000 * o for o in overheads)
+    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+    return name, statistics.median(ms), p90
+
+
+def run_set(label, one, jobs, concurrent):
+    in_a_row = [one() for _ in range(jobs)]
+    with ThreadPoolExecutor(concurrent) as pool:
+        at_once = list(pool.map(lambda _: one(), range(concurrent)))
+    return [figures(f"{label}, {jobs} in a row", in_a_row), figures(f"{label}, {concurrent} at once", at_once)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--run", type=float, default=0.5, help="seconds ComfyUI executes each prompt")
+    args = parser.parse_args()
+    rows = []
+    with ComfyUIDouble(run_seconds=args.run) as comfy:
+        rows += run_set("raw client (floor)", lambda: raw_job(comfy.url), args.jobs, args.concurrent)
+        for label, pg in (("i2v, SQLite + ORM broker", False), ("i2v, PostgreSQL + Redis", True)):
+            app = App(comfy.url, postgres_redis=pg)
+            try:
+                app.job(comfy.url)  # warm-up: first requests import code and open connections
+                rows += run_set(label, lambda: app.job(comfy.url), args.jobs, args.concurrent)
+                if pg:
+                    rows += run_set(f"{label}, Prefer: wait", lambda: app.job(comfy.url, prefer=True),
+                                    args.jobs, args.concurrent)
+            finally:
+                app.stop()
+    floor = {name.split(", ")[-1]: median for name, median, _ in rows if name.startswith("raw")}
+    print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms:")
+    print(f"{'setup':<52} {'median':>8} {'p90':>8} {'× floor':>8}")
+    for name, median, p90 in rows:
+        ratio = median / floor[name.split(", ")[-1]] if floor.get(name.split(", ")[-1]) else float("nan")
+        print(f"{name:<52} {median:8.1f} {p90:8.1f} {ratio:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
