@@ -13,19 +13,21 @@ re-reads the job."""
 import asyncio
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import redis
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import close_old_connections, connection, connections, transaction
 
 log = logging.getLogger(__name__)
 CHANNEL = "i2v_jobs"
 FALLBACK_POLL = 1.0  # seconds between re-reads when announcements arrive
 SQLITE_POLL = 0.05  # seconds between re-reads when nothing announces (SQLite)
 MAX_WAIT = 60
+LISTEN_TIMEOUT = 2.0  # seconds a waiter waits for the listener to be subscribed
 
 
 def _announcer() -> str:
@@ -44,6 +46,7 @@ def _states(job_ids) -> dict:
     """What waiters watch of these jobs, read in one query (the SQLite listener's poll)."""
     from generation.models import VideoJob  # noqa: PLC0415 -- the models import this module
 
+    close_old_connections()  # this thread outlives requests: drop a connection that went bad
     rows = VideoJob.objects.filter(pk__in=job_ids).values_list(
         "id", "status", "step", "steps_total", "progress", "note", "queue_position")
     return {str(row[0]): row[1:] for row in rows}
@@ -86,12 +89,26 @@ class _Hub:
         self.kind = kind
         self.waiters = defaultdict(set)
         self.task = None
+        self.listening = asyncio.Event()
+        # The listener's own thread for the database: not a request's (a request's thread goes
+        # away with the request, and the listener outlives any one of them).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="i2v-waiting")
 
-    def watch(self, job_id) -> asyncio.Event:
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def watch(self, job_id) -> asyncio.Event:
+        """An event set when the job is announced; once this returns the listener is listening,
+        so a change made after the caller's next read of the job cannot go unannounced."""
         if self.task is None or self.task.done():
+            self.listening = asyncio.Event()
             self.task = asyncio.get_running_loop().create_task(self._listen())
         event = asyncio.Event()
         self.waiters[str(job_id)].add(event)
+        try:
+            await asyncio.wait_for(self.listening.wait(), LISTEN_TIMEOUT)
+        except TimeoutError:
+            pass  # no listener for now: the waiter re-reads every FALLBACK_POLL
         return event
 
     async def unwatch(self, job_id, event) -> None:
@@ -100,13 +117,9 @@ class _Hub:
         if not self.waiters[key]:
             del self.waiters[key]
         if not self.waiters and self.task is not None:
-            # Nobody waits: close the listener's connection (the next wait opens one again).
+            # Nobody waits: the listener stops and closes its connection (the next wait starts one).
             task, self.task = self.task, None
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
 
     def count(self) -> int:
         return sum(len(events) for events in self.waiters.values())
@@ -134,10 +147,11 @@ class _Hub:
     async def _poll(self):
         """Where nothing announces (SQLite, one machine): one query for every watched job."""
         last = {}
+        self.listening.set()
         while True:
             ids = list(self.waiters)
             if ids:
-                states = await sync_to_async(_states)(ids)
+                states = await self._in_thread(_states, ids)
                 for job_id, state in states.items():
                     if job_id in last and last[job_id] != state:
                         self._wake(job_id)
@@ -151,6 +165,7 @@ class _Hub:
         try:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
+                self.listening.set()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._wake(message["data"].decode())
@@ -158,9 +173,10 @@ class _Hub:
             await client.aclose()
 
     async def _listen_postgresql(self):
-        params = await sync_to_async(connections["default"].get_connection_params)()
+        params = await self._in_thread(connections["default"].get_connection_params)
         async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
+            self.listening.set()
             async for notify in conn.notifies():
                 self._wake(notify.payload)
 
@@ -189,7 +205,7 @@ async def wait_for_change(job_id, read, seen, timeout: float):
     hub = _hub()
     current = seen
     while True:
-        event = hub.watch(job_id)
+        event = await hub.watch(job_id)
         try:
             current = await sync_to_async(read)()
             if current != seen:
