@@ -294,7 +294,8 @@ def submit(job, conn):
     """Upload the image and POST the prompt, exactly once per run (see module docstring)."""
     conn.open_events(job.client_id)
     # A retry (or a duplicate task) may find the prompt already received: follow it instead.
-    if _known_to_comfyui(conn.client, job.prompt_id):
+    # Before the first POST was attempted ComfyUI cannot know it: no need to ask.
+    if job.posted_at is not None and _known_to_comfyui(conn.client, job.prompt_id):
         job.transition(S.SUBMITTED)
         return
     _post(conn.client, job)
@@ -479,6 +480,7 @@ def _conclude(job, item):
     out = outputs[0]
     if job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99)):
         scheduler.record_run(job, execution_seconds(item))
+        scheduler.slot_freed()  # the GPU is done with it: the next job is placed while this one uploads
 
 
 def execution_seconds(item) -> float | None:

@@ -800,15 +800,39 @@ def boot_failures_exhausted(since: datetime) -> VastInstance | None:
     return failures[0] if len(failures) >= MAX_BOOT_ATTEMPTS else None
 
 
+def place_now() -> PassResult:
+    """A pass right here (binding is quick); renting, destroying and waiting on the clock are
+    left to a `schedule` task, so a request or a job's worker is not held by them."""
+    result = run_pass()
+    if result.rent or result.destroy or result.needs_tick:
+        q_tasks.async_task("generation.tasks.schedule", group="jobs")
+    return result
+
+
+def slot_freed() -> None:
+    """A GPU slot just freed: place the next job at once (a failing pass is left to the next one)."""
+    try:
+        place_now()
+    except Exception as exc:  # noqa: BLE001 - the job that freed the slot must go on storing its video
+        log.warning("scheduling pass after a freed slot failed: %s", exc)
+
+
 def on_capacity_changed(sender, **kwargs) -> None:
     """An instance became ready or ended: place the waiting jobs now."""
     q_tasks.async_task("generation.tasks.schedule", group="jobs")
 
 
 def request_pass() -> None:
-    """Ask a worker for a scheduling pass once the current transaction commits (a new job)."""
-    requested = timezone.now().isoformat()
-    transaction.on_commit(lambda: q_tasks.async_task("generation.tasks.schedule", requested, group="jobs"))
+    """Place a new job once the current transaction commits: a pass in this process (the job reaches
+    a free GPU without waiting for a worker to pick up a task); if that fails, a worker's task."""
+    def place():
+        try:
+            place_now()
+        except Exception as exc:  # noqa: BLE001 - the job is stored: a worker's pass places it
+            log.warning("scheduling pass after a new job failed (%s); a worker will place it", exc)
+            q_tasks.async_task("generation.tasks.schedule", timezone.now().isoformat(), group="jobs")
+
+    transaction.on_commit(place)
 
 
 # ---------------------------------------------------------------------- what a user sees

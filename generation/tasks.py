@@ -94,13 +94,7 @@ def run_job(job_id):
     return "done"
 
 
-def place_now():
-    """A scheduling pass right here (binding is quick); renting, destroying and waiting on the
-    clock go to a `schedule` task, so a job's worker is not held by them."""
-    result = scheduler.run_pass()
-    if result.rent or result.destroy or result.needs_tick:
-        enqueue("generation.tasks.schedule")
-    return result
+place_now = scheduler.place_now
 
 
 def watchdog():
