@@ -15,6 +15,7 @@ from datetime import timezone as dt_timezone
 
 import httpx
 from standardwebhooks.webhooks import Webhook
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone

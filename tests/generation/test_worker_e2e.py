@@ -1,9 +1,16 @@
 """The whole path through a real django-q2 worker (qcluster) on the configured broker:
 API → queue → worker → ComfyUI double → storage → GET /api/jobs/{id} → the video."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+from django.conf import settings
+from django.db import connection
 
 from generation.domain import sync_shipped_workflows
 from generation.models import VideoJob, Workflow
@@ -12,6 +19,7 @@ from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.helpers import png_bytes
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
 
 
