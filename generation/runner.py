@@ -194,6 +194,8 @@ def _unreachable(job, exc, deadline: float) -> bool:
         log.warning("ComfyUI at %s unreachable (%s); jobs wait for it or go elsewhere", url, reason)
     now = timezone.now()
     job.refresh_from_db()
+    if job.comfyui_url != url or job.is_terminal:
+        return job.is_terminal  # moved meanwhile (its tunnel was followed) or ended: nothing to say
     if job.unreachable_since is None:
         VideoJob.objects.filter(pk=job.pk, unreachable_since=None).update(unreachable_since=now)
         job.unreachable_since = now
@@ -217,6 +219,8 @@ def _reachable(job):
         log.warning("ComfyUI at %s answers again", job.comfyui_url)
     if job.unreachable_since is not None:
         VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
+        # The "unreachable since … retrying until …" note no longer holds.
+        VideoJob.objects.filter(pk=job.pk, note__startswith=f"ComfyUI at {job.comfyui_url} unreachable since").update(note="")
 
 
 class Connection:
