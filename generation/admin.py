@@ -1,6 +1,7 @@
 from django import forms
 from django.contrib import admin
-from django.utils.html import format_html
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from generation import scheduler
 from generation.models import UserQuota, VideoJob, WebhookDelivery, Workflow
@@ -67,13 +68,17 @@ class WebhookDeliveryInline(admin.TabularInline):
 
 @admin.register(VideoJob)
 class VideoJobAdmin(admin.ModelAdmin):
-    list_display = ("id", "owner", "status", "backend", "workflow_slug", "progress_pct", "duration", "cost", "created_at")
-    list_filter = ("status", "backend", "workflow_slug")
+    list_display = ("id", "owner", "status", "error_class", "backend", "workflow_slug", "progress_pct", "duration", "cost",
+                    "created_at")
+    list_filter = ("status", "error_class", "backend", "workflow_slug")
     search_fields = ("id", "prompt", "owner__username", "prompt_id", "request_id")
     date_hierarchy = "created_at"
     inlines = [WebhookDeliveryInline]
-    readonly_fields = [f.name for f in VideoJob._meta.fields if f.name not in ("lease_token",)] + ["player", "duration", "cost"]
-    exclude = ("lease_token",)
+    # The file fields are shown as links to the auth-checked views (their storage URL is not served).
+    readonly_fields = [f.name for f in VideoJob._meta.fields
+                       if f.name not in ("lease_token", "input_image", "video", "node_timings")] + [
+        "input_link", "player", "timings", "duration", "cost"]
+    exclude = ("lease_token", "input_image", "video", "node_timings")
 
     def has_add_permission(self, request):
         return False
@@ -92,13 +97,33 @@ class VideoJobAdmin(admin.ModelAdmin):
     def cost(self, obj):
         return "—" if obj.cost_usd is None else f"${obj.cost_usd:.4f}"
 
+    @admin.display(description="Input image")
+    def input_link(self, obj):
+        if not obj.input_image:
+            return "—"
+        return format_html('<a href="{}">{}</a>', reverse("generation:job_image", args=[obj.id]), obj.input_image.name)
+
     @admin.display(description="Video")
     def player(self, obj):
         if not obj.video:
             return "—"
         from generation.domain import video_url
 
-        return format_html('<video src="{}" controls preload="metadata" style="max-width:480px"></video>', video_url(obj))
+        url = video_url(obj)
+        return format_html('<video src="{}" controls preload="metadata" width="480"></video><br><a href="{}">{}</a>',
+                           url, url, obj.video.name)
+
+    @admin.display(description="Node timings")
+    def timings(self, obj):
+        """Each node that ran (and the upload): when it started after submission and how long it took."""
+        rows = obj.node_timings or []
+        if not rows:
+            return "—"
+        return format_html_join(
+            "", "<div>{} {}: +{} s, {} s</div>",
+            ((node, class_type, f"{start:.1f}", "…" if seconds is None else f"{seconds:.2f}")
+             for node, class_type, start, seconds in rows),
+        )
 
 
 @admin.register(UserQuota)

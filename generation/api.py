@@ -47,7 +47,9 @@ GENERATE_DOC = {
     },
     "parameters": [
         {"in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string", "maxLength": 200},
-         "description": "Repeat a request safely: the same key returns the same job."},
+         "description": "Repeat a request safely: the same key with the same request returns the same job (200); "
+                        "with a different request it answers 409. A key whose job failed, or older than 24 h, "
+                        "starts a new job."},
         {"in": "header", "name": "Prefer", "required": False, "schema": {"type": "string", "pattern": "^wait(=[0-9]+)?$"},
          "description": "`wait` or `wait=N` (N ≤ 60 s): answer with the finished job if it ends within N s, else 202."},
     ],
@@ -117,11 +119,13 @@ def _generate(request, backend_default):
         raise HttpError(422, "Idempotency-Key: must be at most 200 printable characters.")
     try:
         job, created = domain.create_job(request.auth, params, image_bytes=image_bytes, idempotency_key=key)
+    except domain.IdempotencyConflict as exc:
+        raise HttpError(409, str(exc))
     except InputError as exc:
         raise HttpError(422, str(exc))
     except domain.QueueFull as exc:
         raise HttpError(429, str(exc))
-    return Status(202 if created else 200, domain.job_json(job))
+    return Status(202 if created else 200, domain.job_json(job, domain.base_url(request)))
 
 
 class JobOut(Schema):
@@ -145,6 +149,9 @@ class JobOut(Schema):
     fps: int
     seed: Optional[int]
     error: Optional[str]
+    error_class: Optional[VideoJob.ErrorClass]
+    advice: Optional[str]
+    eta_seconds: Optional[int]
     video_url: Optional[str]
     video_size: Optional[int]
     prompt_id: Optional[str]
@@ -169,7 +176,7 @@ class Error(Schema):
     detail: str
 
 
-@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 409: Error, 415: Error, 422: Error, 429: Error},
              throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video (backend comfyui or fal)")
 async def generate_video(request):
@@ -180,7 +187,7 @@ async def generate_video(request):
     return await _generate_waiting(request, "comfyui")
 
 
-@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 415: Error, 422: Error, 429: Error},
+@router.post("/vastai/generate-video", response={200: JobOut, 202: JobOut, 400: Error, 413: Error, 409: Error, 415: Error, 422: Error, 429: Error},
              throttle=[GENERATE_RATE],
              openapi_extra=GENERATE_DOC, summary="Generate a video on the GPU (the seed's endpoint)")
 async def vastai_generate_video(request):
@@ -205,7 +212,8 @@ def list_jobs(request, filters: Query[JobFilter]):
         qs = qs.filter(status=filters.status)
     count = qs.count()
     page = qs[filters.offset: filters.offset + filters.limit]
-    return {"items": [domain.job_json(j) for j in page], "count": count,
+    base = domain.base_url(request)
+    return {"items": [domain.job_json(j, base) for j in page], "count": count,
             "limit": filters.limit, "offset": filters.offset}
 
 
@@ -216,18 +224,19 @@ def _job(request, job_id):
         raise HttpError(404, "No such job.")
 
 
-def _answer(user, job_id):
+def _answer(user, job_id, base: str = ""):
     """(owner id, the rendered JSON) of the job; from the shared cache when it has the job."""
     cached = jobcache.get(job_id)
-    if cached is None:
+    # The answer holds absolute URLs: one cached for another host name is not this one's.
+    if cached is None or cached[1][0] != base:
         job = domain.read_job(user, job_id)
         if job is None:
             raise HttpError(404, "No such job.")
         # Validated and rendered once; a cached answer is sent as these bytes.
-        answer = JobOut.model_validate(domain.job_json(job)).model_dump()
-        cached = (job.owner_id, RENDERER.render(None, answer, response_status=200))
+        answer = JobOut.model_validate(domain.job_json(job, base)).model_dump()
+        cached = (job.owner_id, (base, RENDERER.render(None, answer, response_status=200)))
         jobcache.put(job_id, *cached)
-    owner_id, body = cached
+    owner_id, (_, body) = cached
     if owner_id != user.pk and not user.is_staff:
         raise HttpError(404, "No such job.")
     return body
@@ -259,7 +268,7 @@ async def get_job(request, job_id: uuid.UUID,
             raise HttpError(404, "No such job.")
         if seen[0] not in VideoJob.TERMINAL:
             await waiting.wait_for_change(job_id, lambda: _state(user, job_id), seen, wait)
-    return _json(await sync_to_async(_answer)(user, job_id))
+    return _json(await sync_to_async(_answer)(user, job_id, domain.base_url(request)))
 
 
 def _prefer_wait(header: str | None) -> float | None:
@@ -295,7 +304,7 @@ async def _generate_waiting(request, backend_default):
     while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
         state = await waiting.wait_for_change(job["id"], lambda: _state(user, job["id"]), state,
                                               deadline - loop.time())
-    body = await sync_to_async(_answer)(user, job["id"])
+    body = await sync_to_async(_answer)(user, job["id"], domain.base_url(request))
     done = state is not None and state[0] in VideoJob.TERMINAL
     response = _json(body, status=200 if done else code)
     response["Preference-Applied"] = f"wait={int(prefer)}"
@@ -307,7 +316,20 @@ def cancel_job(request, job_id: uuid.UUID):
     job = _job(request, job_id)
     if job.is_terminal:
         raise HttpError(409, f"The job is already {job.status}; nothing to cancel.")
-    return domain.job_json(domain.cancel_job(job))
+    return domain.job_json(domain.cancel_job(job), domain.base_url(request))
+
+
+@router.get("/jobs/{uuid:job_id}/video", url_name="job_video", response={200: None, 302: None, 404: Error},
+            summary="Download the job's video")
+def job_video(request, job_id: uuid.UUID):
+    """Streams the video (with HTTP range support), or redirects to a presigned storage URL when
+    videos live in R2. Takes the same Bearer token as the rest of the API."""
+    from generation.views import video_response
+
+    try:
+        return video_response(request, _job(request, job_id))
+    except Http404 as exc:
+        raise HttpError(404, str(exc))
 
 
 @router.post("/fal/webhook/{uuid:job_id}", auth=None, url_name="fal_webhook", include_in_schema=False)
@@ -317,6 +339,7 @@ def fal_webhook(request, job_id: uuid.UUID, token: str = ""):
     import hmac as _hmac
 
     from generation import fal_runner
+    from generation.fal import describe_detail
     from generation.tasks import enqueue
 
     if not _hmac.compare_digest(token, fal_runner.webhook_token(job_id)):
@@ -341,6 +364,11 @@ def fal_webhook(request, job_id: uuid.UUID, token: str = ""):
         except fal_runner.FalJobFailed as exc:
             fal_runner.fail_job(job, str(exc))
     else:
-        fal_runner.fail_job(job, f"fal.ai failed to generate the video: {body.get('error') or body.get('payload_error') or 'unknown error'}")
+        reason = body.get("error") or body.get("payload_error") or "unknown error"
+        payload = body.get("payload")
+        if isinstance(payload, dict) and payload.get("detail"):
+            # fal's webhook says only "Invalid status code: 422"; the payload says what was wrong.
+            reason = f"{reason}: {describe_detail(payload['detail'])[0]}"
+        fal_runner.fail_job(job, f"fal.ai failed to generate the video: {reason}")
     enqueue("generation.tasks.run_job", str(job.id))
     return {"ok": True}

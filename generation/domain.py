@@ -1,15 +1,19 @@
 """Generation business logic: creating, cancelling and describing VideoJobs."""
 
+import hashlib
 import logging
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, connections, transaction
 from django.urls import reverse
+from django.utils import timezone
 
 from generation import scheduler
+from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import UserQuota, VideoJob, Workflow
 from i2v.core.webhook_secrets import WebhookSecret
@@ -18,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def video_url(job) -> str:
-    """Where the job's video can be fetched: R2 (presigned or public) or the local auth-checked view."""
+    """Where the page fetches the job's video: R2 (presigned or public) or the local auth-checked view."""
     if not job.video:
         return ""
     if settings.R2_BUCKET:
@@ -26,12 +30,27 @@ def video_url(job) -> str:
     return reverse("generation:job_video", args=[job.id])
 
 
+def base_url(request=None) -> str:
+    """The site's absolute root for links in API answers: I2V_PUBLIC_URL, else the request's own."""
+    if settings.I2V_PUBLIC_URL:
+        return settings.I2V_PUBLIC_URL
+    return request.build_absolute_uri("/").rstrip("/") if request is not None else ""
+
+
+def api_video_url(job, base: str = "") -> str:
+    """The video's URL for scripts: /api/jobs/{id}/video takes the same Bearer token as the rest of
+    the API and streams the file (or redirects to a presigned storage URL)."""
+    if not job.video:
+        return ""
+    return f"{base}{reverse('api:job_video', args=[job.id])}"
+
+
 # The columns job_json reads: API reads load only these (a job row has ~50 columns).
 JOB_JSON_FIELDS = (
     "id", "owner_id", "status", "progress", "step", "steps_total", "current_node", "queue_position", "backend",
     "workflow_slug", "prompt", "negative_prompt", "width", "height", "frames", "fps", "seed", "error", "video",
     "video_size", "prompt_id", "request_id", "instance_id", "created_at", "started_at", "finished_at", "cost_usd",
-    "note", "place", "deadline_at", "cancel_requested",
+    "note", "place", "deadline_at", "cancel_requested", "error_class", "error_info", "eta_at",
 )
 
 
@@ -86,7 +105,13 @@ class _JobReader:
 _JOB_READERS = {}
 
 
-def job_json(job: VideoJob) -> dict:
+def eta_seconds(job: VideoJob) -> int | None:
+    if job.is_terminal or job.eta_at is None:
+        return None
+    return max(0, round((job.eta_at - timezone.now()).total_seconds()))
+
+
+def job_json(job: VideoJob, base: str = "") -> dict:
     position, expected_start = scheduler.queue_estimate(job)
     if position is None:
         position = job.queue_position  # bound: its place in ComfyUI's or fal's own queue
@@ -111,7 +136,10 @@ def job_json(job: VideoJob) -> dict:
         "fps": job.fps,
         "seed": job.seed,
         "error": job.error or None,
-        "video_url": video_url(job) or None,
+        "error_class": job.error_class or None,
+        "advice": advice(job) or None,
+        "eta_seconds": eta_seconds(job),
+        "video_url": api_video_url(job, base) or None,
         "video_size": job.video_size,
         "prompt_id": job.prompt_id or None,
         "request_id": job.request_id or None,
@@ -152,14 +180,50 @@ def resolve_workflow(slug: str) -> Workflow:
     return wf
 
 
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before with a different request."""
+
+    def __init__(self, key: str, job: VideoJob):
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used with a different request (job {job.id}). "
+            "Send a new key for a new request, or repeat the original request to get that job."
+        )
+
+
+def request_hash(params, image_bytes: bytes | None) -> str:
+    """What an idempotency key is bound to: the fields sent and the image's bytes (or its URL)."""
+    digest = hashlib.sha256(params.model_dump_json().encode())
+    digest.update(hashlib.sha256(image_bytes or b"").digest())
+    return digest.hexdigest()
+
+
+def _replay(owner, key: str, fingerprint: str):
+    """The job an idempotency key already stands for, or None when the key is free (never used, its
+    job failed, or older than 24 h: the key is then released). Raises IdempotencyConflict."""
+    existing = VideoJob.objects.filter(owner=owner, idempotency_key=key).first()
+    if existing is None:
+        return None
+    if existing.status == VideoJob.Status.FAILED or existing.created_at < timezone.now() - IDEMPOTENCY_TTL:
+        VideoJob.objects.filter(pk=existing.pk, idempotency_key=key).update(idempotency_key=None)
+        return None
+    if existing.request_hash and existing.request_hash != fingerprint:
+        raise IdempotencyConflict(key, existing)
+    return existing
+
+
 def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tuple[VideoJob, bool]:
     """Validate, store the image, create a queued VideoJob and enqueue its task.
 
-    Returns (job, created). With an idempotency key already used by this owner, the
-    existing job comes back and nothing new is stored or enqueued.
+    Returns (job, created). With an idempotency key this owner used before for the same request
+    (within 24 h, and its job did not fail), that job comes back and nothing new is stored or
+    enqueued; the same key with another request raises IdempotencyConflict.
     """
+    fingerprint = request_hash(params, image_bytes) if idempotency_key else ""
     if idempotency_key:
-        existing = VideoJob.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        existing = _replay(owner, idempotency_key, fingerprint)
         if existing:
             return existing, False
     if image_bytes is None and not params.image_url:
@@ -199,6 +263,7 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         seed=params.seed,
         steps=params.steps or defaults.get("steps"),
         idempotency_key=idempotency_key or None,
+        request_hash=fingerprint,
         webhook_url=params.webhook_url or "",
         deadline_at=params.deadline,
     )
@@ -211,7 +276,7 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
     except IntegrityError:
         # A concurrent request with the same idempotency key won the race.
         default_storage.delete(name)
-        existing = VideoJob.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+        existing = _replay(owner, idempotency_key, fingerprint)
         if existing is None:
             raise
         return existing, False

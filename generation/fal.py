@@ -143,7 +143,7 @@ def _field(item) -> str:
     return ".".join(loc)
 
 
-def _describe_detail(detail) -> tuple[str, tuple]:
+def describe_detail(detail) -> tuple[str, tuple]:
     """fal's {"detail": ...} as one line, plus the field names it mentions."""
     if isinstance(detail, list):
         parts, fields = [], []
@@ -153,6 +153,8 @@ def _describe_detail(detail) -> tuple[str, tuple]:
                 continue
             name = _field(item)
             msg = item.get("msg") or item.get("type") or "invalid"
+            if item.get("type") == "content_policy_violation":
+                msg += " [content_policy_violation]"
             parts.append(f"{name}: {msg}" if name else msg)
             if name:
                 fields.append(name)
@@ -223,7 +225,7 @@ class FalClient(ServiceClient):
         if status < 300:
             return None
         detail = _body_detail(resp)
-        text, fields = _describe_detail(detail) if detail is not None else (snippet(resp.text), ())
+        text, fields = describe_detail(detail) if detail is not None else (snippet(resp.text), ())
         if status in (401, 403):
             return self._error(AUTH_MESSAGE.format(status=status) + (f": {text}" if text else ""), kind="auth", status=status)
         if status == 404:
@@ -273,7 +275,7 @@ class FalClient(ServiceClient):
         def check(resp):
             status = resp.status_code
             if status == 422:
-                text, fields = _describe_detail(_body_detail(resp))
+                text, fields = describe_detail(_body_detail(resp))
                 return self._error(f"fal.ai rejected the input for {endpoint}: {text}", kind="invalid", status=422, fields=fields)
             if status == 404:
                 return self._error(f"fal.ai has no endpoint {endpoint!r} (HTTP 404): check the endpoint id", kind="not_found", status=404)
@@ -325,7 +327,7 @@ class FalClient(ServiceClient):
             detail = _body_detail(resp)
             if status == 400 and isinstance(detail, str) and "in progress" in detail.lower():
                 return self._error("The fal.ai result is not ready yet: poll status() until it is COMPLETED", kind="http", status=400)
-            text, fields = _describe_detail(detail) if detail is not None else (snippet(resp.text), ())
+            text, fields = describe_detail(detail) if detail is not None else (snippet(resp.text), ())
             error_type = resp.headers.get("x-fal-error-type")
             message = f"fal.ai could not generate the video: {text}" + (f" [{error_type}]" if error_type else "")
             return self._error(message, kind="failed", status=status, fields=fields, error_type=error_type)

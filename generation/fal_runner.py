@@ -70,12 +70,9 @@ def _image_url(job) -> str:
 
 
 def fail_job(job, message):
-    from generation.runner import finish_accounting
+    from generation.failures import fail_job as fail
 
-    job.refresh_from_db()
-    if not job.is_terminal:
-        job.transition(S.FAILED, error=message[:4000])
-        finish_accounting(job)
+    fail(job, message)
 
 
 def advance(job_id, deadline: float) -> bool:
@@ -174,6 +171,13 @@ def follow(job, fal, deadline):
             fields = {}
         elif status == "COMPLETED":
             if state.get("error"):
+                # The status says only e.g. "Invalid status code: 422"; the result says what was wrong.
+                try:
+                    fal.result(urls["response_url"])
+                except FalError as exc:
+                    if exc.kind != "failed":
+                        raise
+                    raise FalJobFailed(str(exc)) from None
                 raise FalJobFailed(f"fal.ai failed to generate the video: {state['error']}")
             take_result(job, fal.result(urls["response_url"]))
             return

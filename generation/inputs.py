@@ -133,7 +133,7 @@ def check_image(data: bytes, field="image") -> tuple[str, int, int]:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(field, f"the image is too large to decode; the limit is {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE}")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(field, f"not a readable PNG, JPEG or WEBP image ({type(exc).__name__})")
+        raise InputError(field, "not a readable PNG, JPEG or WEBP image: the file is not a picture, or it is damaged")
     return FORMATS[fmt], width, height
 
 
@@ -181,4 +181,8 @@ def fetch_image(url: str) -> bytes:
             raise InputError("image_url", "the image server did not answer in time")
         if isinstance(exc, httpx.TooManyRedirects):
             raise InputError("image_url", "too many redirects")
-        raise InputError("image_url", f"could not download the image ({type(exc).__name__})")
+        if isinstance(exc, httpx.ConnectError):
+            raise InputError("image_url", "could not connect to the image's server; check the URL")
+        if isinstance(exc, httpx.RemoteProtocolError):
+            raise InputError("image_url", "the image's server closed the connection before sending the image")
+        raise InputError("image_url", "the download of the image failed; check the URL")

@@ -61,6 +61,24 @@ class VideoJob(models.Model):
         COMFYUI = "comfyui", "ComfyUI (GPU)"
         FAL = "fal", "fal.ai"
 
+    class ErrorClass(models.TextChoices):
+        """Why a job failed; each class has its own advice (generation/failures.py)."""
+
+        MISSING_MODEL = "missing_model", "Model file missing"
+        CORRUPT_MODEL = "corrupt_model", "Model file corrupt or incomplete"
+        OUT_OF_MEMORY = "out_of_memory", "Out of GPU memory"
+        WORKFLOW_REJECTED = "workflow_rejected", "Workflow rejected by ComfyUI"
+        CUSTOM_NODE_MISSING = "custom_node_missing", "Custom node missing"
+        COMFYUI_UNREACHABLE = "comfyui_unreachable", "ComfyUI unreachable"
+        NODE_ERROR = "node_error", "Error while running a node"
+        STORAGE_REFUSED = "storage_refused", "Storage refused the video"
+        FAL_CONTENT_POLICY = "fal_content_policy", "fal.ai content policy"
+        FAL_BAD_INPUT = "fal_bad_input", "fal.ai rejected the input"
+        FAL_ERROR = "fal_error", "fal.ai error"
+        NO_GPU = "no_gpu", "No GPU configured"
+        TIMEOUT = "timeout", "Took too long"
+        OTHER = "other", "Other"
+
     # The forward path; a job only ever moves right along it, or to failed/cancelled.
     PATH = [Status.QUEUED, Status.PROVISIONING, Status.SUBMITTED, Status.RUNNING, Status.UPLOADING, Status.COMPLETED]
     TERMINAL = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
@@ -92,6 +110,7 @@ class VideoJob(models.Model):
     seed = models.BigIntegerField(null=True, blank=True)
     steps = models.PositiveIntegerField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    request_hash = models.CharField(max_length=64, blank=True, help_text="sha256 of the request an idempotency key was used with")
     webhook_url = models.URLField(max_length=2000, blank=True)
 
     # Where it runs: the scheduler binds it to a place (gpu.capacity: "config", "server:<pk>",
@@ -119,9 +138,15 @@ class VideoJob(models.Model):
     node_progress = models.JSONField(default=dict, blank=True, help_text="Latest [value, max] per ComfyUI node")
     queue_position = models.IntegerField(null=True, blank=True)
     error = models.TextField(blank=True)
+    error_class = models.CharField(max_length=24, choices=ErrorClass.choices, blank=True)
+    error_info = models.JSONField(default=dict, blank=True, help_text="What the advice names: file, folder, node, input, GPU")
     cancel_requested = models.BooleanField(default=False)
     unreachable_since = models.DateTimeField(null=True, blank=True, help_text="When ComfyUI stopped answering")
     note = models.CharField(max_length=300, blank=True, help_text="What happened that the user should know")
+    node_timings = models.JSONField(
+        default=list, blank=True, help_text="[node id, class_type, start s, seconds] per node that ran, then the upload"
+    )
+    eta_at = models.DateTimeField(null=True, blank=True, help_text="When the video should be stored, from past runs")
 
     video = models.FileField(upload_to="videos/%Y/%m/", max_length=300, blank=True)
     video_size = models.BigIntegerField(null=True, blank=True)
@@ -151,6 +176,8 @@ class VideoJob(models.Model):
             models.Index(fields=["status", "lease_until"]),
             # The scheduler: waiting jobs (place "") in order, and the jobs bound to each place.
             models.Index(fields=["place", "status", "created_at"]),
+            # Progress weights: the last completed runs of one workflow and size (runner.past_timings).
+            models.Index(fields=["workflow_slug", "width", "height", "frames", "status", "-finished_at"]),
         ]
 
     def __str__(self):
@@ -285,6 +312,7 @@ class WebhookDelivery(models.Model):
 
     class Meta:
         ordering = ["job", "attempt"]
+        verbose_name_plural = "webhook deliveries"
 
     def __str__(self):
         return f"Webhook {self.job_id} #{self.attempt} ({'ok' if self.ok else 'failed'})"

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -24,7 +25,7 @@ from django.core.files.storage import default_storage
 from django.db.models import F
 from django.utils import timezone
 
-from generation import scheduler
+from generation import failures, progress as progress_model, scheduler
 from generation.models import VideoJob
 from generation.workflow_schema import fill
 from gpu import capacity
@@ -34,15 +35,19 @@ from gpu.tunnel import follow_tunnel
 log = logging.getLogger(__name__)
 S = VideoJob.Status
 
-TROUBLESHOOTING = scheduler.TROUBLESHOOTING
 MAX_SUBMITS = 2  # the first submission, plus one resubmission if ComfyUI lost the run
 POLL_EVERY = 2.0  # seconds between /history checks while the websocket is quiet
 UNREACHABLE_GRACE = settings.I2V_COMFYUI_GRACE  # seconds ComfyUI may stay unreachable before the job fails
+UNREACHABLE_PAUSE = 2.0  # seconds between tries while ComfyUI is unreachable (not a tight loop through the queue)
 STORAGE_GRACE = 120  # seconds the storage (R2) may keep refusing a finished video before the job fails
 
 
 class JobFailed(Exception):
-    pass
+    """The job cannot go on; `failure` is its class when the cause is known (else read from the text)."""
+
+    def __init__(self, message, failure: "failures.Failure | None" = None):
+        super().__init__(message)
+        self.failure = failure
 
 
 class StorageFailed(Exception):
@@ -118,11 +123,8 @@ def build_graph(job, image_name: str) -> dict:
     return fill(workflow.graph, workflow.bindings, params)
 
 
-def _fail(job, message):
-    job.refresh_from_db()
-    if not job.is_terminal:
-        job.transition(S.FAILED, error=message[:4000])
-        finish_accounting(job)
+def _fail(job, message, failure=None):
+    failures.fail_job(job, message, failure)
 
 
 def advance(job_id, deadline: float) -> bool:
@@ -156,7 +158,7 @@ def advance(job_id, deadline: float) -> bool:
             scheduler.requeue(job, str(exc))
         return True
     except JobFailed as exc:
-        _fail(job, str(exc))
+        _fail(job, str(exc), exc.failure)
     except StorageFailed as exc:
         # The video is still on ComfyUI: an R2 outage is waited out for a while, not fatal at once.
         if storage_retry(job, exc, _fail):
@@ -167,8 +169,11 @@ def advance(job_id, deadline: float) -> bool:
         # A retryable answer (a 5xx, a 429, a non-JSON body: ComfyUI restarting or a proxy's
         # hiccup) counts like an unreachable server.
         if exc.kind in ("unreachable", "timeout", "not_ready") or exc.retryable:
-            return _unreachable(job, exc)
-        _fail(job, str(exc))
+            return _unreachable(job, exc, deadline)
+        failure = None
+        if exc.kind == "auth":  # a tunnel URL that expired, or a wrong token
+            failure = failures.Failure(VideoJob.ErrorClass.COMFYUI_UNREACHABLE, {"url": job.comfyui_url})
+        _fail(job, str(exc), failure)
     else:
         _reachable(job)
     finally:
@@ -178,22 +183,31 @@ def advance(job_id, deadline: float) -> bool:
     return job.is_terminal
 
 
-def _unreachable(job, exc) -> bool:
+def _unreachable(job, exc, deadline: float) -> bool:
     """ComfyUI did not answer. A job it cannot have received (nothing posted yet) goes back to
     the queue at once, and the place rests for a while: the scheduler places the job elsewhere,
-    or on a corrected URL. A posted run is waited for within the grace, then requeued."""
+    or on a corrected URL. A posted run is waited for within the grace, then requeued. Either
+    way the job says at once why it waits and until when."""
     url = job.comfyui_url or ""
+    reason = failures.short_reason(f"{exc.kind}: {exc}")
     if url and capacity.mark_down(url, f"{exc.kind}: {exc}"[:300]):
-        log.warning("ComfyUI at %s unreachable (%s); jobs wait for it or go elsewhere", url, exc.kind)
+        log.warning("ComfyUI at %s unreachable (%s); jobs wait for it or go elsewhere", url, reason)
     now = timezone.now()
     job.refresh_from_db()
+    if job.comfyui_url != url or job.is_terminal:
+        return job.is_terminal  # moved meanwhile (its tunnel was followed) or ended: nothing to say
     if job.unreachable_since is None:
         VideoJob.objects.filter(pk=job.pk, unreachable_since=None).update(unreachable_since=now)
         job.unreachable_since = now
+    note = scheduler.unreachable_note(url, capacity.down_since(url) or job.unreachable_since, reason)
     if job.posted_at is None:
         scheduler.requeue(job, f"ComfyUI at {url} did not answer ({exc.kind})")
+        VideoJob.objects.filter(pk=job.pk, place="", status__in=VideoJob.ACTIVE).update(note=note)
         return True
     if _within_grace(job):
+        VideoJob.objects.filter(pk=job.pk).exclude(note=note).update(note=note)
+        # Not a tight loop through the queue while it stays down.
+        time.sleep(max(0.0, min(UNREACHABLE_PAUSE, deadline - time.monotonic())))
         return False
     scheduler.requeue(job, f"ComfyUI at {url} stayed unreachable for more than {UNREACHABLE_GRACE} s")
     job.refresh_from_db()
@@ -205,6 +219,8 @@ def _reachable(job):
         log.warning("ComfyUI at %s answers again", job.comfyui_url)
     if job.unreachable_since is not None:
         VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
+        # The "unreachable since … retrying until …" note no longer holds.
+        VideoJob.objects.filter(pk=job.pk, note__startswith=f"ComfyUI at {job.comfyui_url} unreachable since").update(note="")
 
 
 class Connection:
@@ -325,7 +341,7 @@ def _post(client, job):
                       output_node=job.workflow.output_node, extra_data={"i2v_job": str(job.id)})
     except ComfyUIError as exc:
         if exc.kind == "validation":
-            raise JobFailed(f"ComfyUI refused the workflow: {exc}")
+            raise JobFailed(str(exc), failures.from_rejection(exc.node_errors, str(exc)))
         raise
     if job.status in (S.QUEUED, S.PROVISIONING):
         job.transition(S.SUBMITTED, steps_total=steps_total, step=0, progress=0.0)
@@ -337,18 +353,44 @@ def resubmit_or_fail(job, client):
         raise JobFailed("ComfyUI lost this job twice (did it restart?); giving up. Try again.")
     log.warning("job %s: ComfyUI lost prompt %s; resubmitting once", job.id, job.prompt_id)
     VideoJob.objects.filter(pk=job.pk, submit_count=job.submit_count).update(
-        submit_count=job.submit_count + 1, step=0, progress=0.0, node_progress={}
+        submit_count=job.submit_count + 1, step=0, progress=0.0, node_progress={}, node_timings=[], eta_at=None
     )
     job.refresh_from_db()
     _post(client, job)
 
 
 class Progress:
-    """Rolls per-node `progress` events up into the job's step/steps and saves them."""
+    """Follows a run's events: per-node timings, sampler steps, and progress/ETA weighted by past
+    runs (generation/progress.py), saved to the job."""
 
     def __init__(self, job):
         self.job = job
         self.nodes = dict(job.node_progress or {})
+        self.timings = [list(entry) for entry in (job.node_timings or [])]
+        self.cached: set[str] = set()
+        self.estimate = progress_model.Estimate(progress_model.expected_seconds(progress_model.past_timings(job)))
+        self.last_save = 0.0
+
+    def _now(self) -> float:
+        """Seconds since the run was submitted (the origin of node_timings)."""
+        origin = self.job.submitted_at or self.job.created_at
+        return round((timezone.now() - origin).total_seconds(), 3)
+
+    @property
+    def current(self):
+        """The node that runs now: the last timing entry still open."""
+        if self.timings and self.timings[-1][3] is None:
+            return self.timings[-1]
+        return None
+
+    def _close(self):
+        entry = self.current
+        if entry is not None:
+            entry[3] = round(max(0.0, self._now() - entry[2]), 3)
+
+    def on_cached(self, nodes):
+        self.cached = {str(n) for n in nodes or []}
+        self.estimate = progress_model.Estimate(self.estimate.expected, self.cached)
 
     def on_progress(self, node, value, maximum):
         self.nodes[str(node)] = [int(value), int(maximum)]
@@ -358,14 +400,45 @@ class Progress:
         if self.job.steps_total and not _expected_steps_known(self.job):
             # No sampler in the graph: a step per node.
             self.nodes[f"node:{node}"] = [1, 1]
+        self._close()
+        graph = self.job.workflow.graph if self.job.workflow else {}
+        class_type = (graph.get(str(node)) or {}).get("class_type", "")
+        self.timings.append([str(node), class_type, self._now(), None])
         self._save(current_node=str(node))
+
+    def on_end(self):
+        if self.current is not None:
+            self._close()
+            self._save()
+
+    def tick(self):
+        """Between events (a long VAE decode sends none): move progress and the ETA on by time."""
+        if time.monotonic() - self.last_save >= 1.0 and self.current is not None:
+            self._save()
+
+    def _estimate(self, step, total):
+        if not self.estimate.known:
+            fraction = step / total if total else 0.0
+            return round(fraction * progress_model.NO_HISTORY_CAP, 4), None
+        done = [e[0] for e in self.timings if e[3] is not None]
+        current = self.current
+        fraction, elapsed = 0.0, 0.0
+        if current is not None:
+            value, maximum = self.nodes.get(current[0], [0, 0])
+            fraction = value / maximum if maximum else 0.0
+            elapsed = self._now() - current[2]
+        value, left = self.estimate.at(done, current[0] if current else None, fraction, elapsed)
+        return round(value, 4), progress_model.eta_at(left)
 
     def _save(self, **extra):
         job = self.job
         step = sum(v for v, _ in self.nodes.values())
         total = max(job.steps_total, sum(m for _, m in self.nodes.values()))
+        value, eta = self._estimate(min(step, total), total)
         fields = {"node_progress": self.nodes, "step": min(step, total), "steps_total": total,
-                  "progress": round(min(step, total) / total, 4) if total else 0.0, **extra}
+                  "progress": max(value, job.progress if job.status == S.RUNNING else 0.0),
+                  "node_timings": self.timings, "eta_at": eta, **extra}
+        self.last_save = time.monotonic()
         if job.status == S.SUBMITTED:
             job.transition(S.RUNNING, **fields)
         else:
@@ -402,13 +475,16 @@ def follow(job, deadline, conn):
                 ev = None
             if ev is not None:
                 ended = _on_event(job, progress, ev)
+            else:
+                progress.tick()
         else:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         if ended or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll = time.monotonic()
             item = _check_history(client, job)
     conn.drop_events(wait=False)  # the run ended: no more events to read
-    _conclude(job, item)
+    progress.on_end()
+    _conclude(job, item, progress, client)
 
 
 def _timed_out(job) -> bool:
@@ -430,6 +506,8 @@ def _on_event(job, progress, ev) -> bool:
         progress.on_executing(data["node"])
     elif kind == "execution_start" and data.get("prompt_id") == job.prompt_id and job.status == S.SUBMITTED:
         job.transition(S.RUNNING)
+    elif kind == "execution_cached" and data.get("prompt_id") == job.prompt_id:
+        progress.on_cached(data.get("nodes"))
     elif kind in ("execution_error", "execution_interrupted") and data.get("prompt_id") == job.prompt_id:
         return True
     return False
@@ -461,7 +539,7 @@ def _check_history(client, job):
     return None
 
 
-def _conclude(job, item):
+def _conclude(job, item, progress=None, client=None):
     if item.get("_cancelled"):
         return
     outcome, message = run_outcome(item)
@@ -473,12 +551,22 @@ def _conclude(job, item):
         finish_accounting(job)
         return
     if outcome != "success":
-        raise JobFailed(f"ComfyUI failed while running the workflow: {message}")
+        failure = failures.from_execution_error(execution_error(item))
+        if failure.error_class == VideoJob.ErrorClass.OUT_OF_MEMORY and client is not None:
+            failure.info.update(_gpu_memory(job, client))
+        raise JobFailed(f"ComfyUI failed while running the workflow: {message}", failure)
     outputs = find_outputs(item, job.workflow.output_node if job.workflow else None)
     if not outputs:
         raise JobFailed("ComfyUI finished but produced no video output. Check the workflow's SaveVideo node.")
     out = outputs[0]
-    if job.transition(S.UPLOADING, provider_urls={"output": out}, progress=max(job.progress, 0.99)):
+    fields = {"progress": job.progress, "eta_at": None}
+    if progress is not None and progress.estimate.known:
+        upload = progress.estimate.expected.get(progress_model.UPLOAD, 0.0)
+        fields["progress"] = round(min(progress_model.RUNNING_CAP, 1 - upload / progress.estimate.total), 4)
+        fields["eta_at"] = progress_model.eta_at(upload)
+    else:
+        fields["progress"] = max(job.progress, progress_model.NO_HISTORY_CAP)
+    if job.transition(S.UPLOADING, provider_urls={"output": out}, **fields):
         scheduler.record_run(job, execution_seconds(item))
         scheduler.slot_freed()  # the GPU is done with it: the next job is placed while this one uploads
 
@@ -496,6 +584,29 @@ def execution_seconds(item) -> float | None:
     return None
 
 
+def execution_error(item) -> dict:
+    """The execution_error event of a failed run's history entry ({} when there is none)."""
+    for message in ((item or {}).get("status") or {}).get("messages") or []:
+        if isinstance(message, (list, tuple)) and len(message) == 2 and message[0] == "execution_error":
+            return message[1] if isinstance(message[1], dict) else {}
+    return {}
+
+
+def _gpu_memory(job, client) -> dict:
+    """The GPU's name and VRAM, for out-of-memory advice: the instance's, else ComfyUI's /system_stats."""
+    if job.instance is not None and job.instance.gpu_ram_mb:
+        return {"gpu": job.instance.gpu_name, "vram_gb": job.instance.vram_gb}
+    try:
+        device = (client.system_stats().get("devices") or [{}])[0]
+    except ComfyUIError:
+        return {}
+    name = str(device.get("name") or "")
+    # CUDA devices are named "cuda:0 NVIDIA GeForce RTX 5090 : cudaMallocAsync".
+    name = name.split(" : ")[0].split(" ", 1)[-1] if name.startswith("cuda") else name
+    vram = device.get("vram_total")
+    return {"gpu": name, "vram_gb": round(vram / 1024**3, 1) if isinstance(vram, (int, float)) and vram else None}
+
+
 def store_output(job, client):
     """Stream the output from ComfyUI's /view into the default storage, then complete the job."""
     out = (job.provider_urls or {}).get("output")
@@ -506,7 +617,14 @@ def store_output(job, client):
         stream = ResponseStream(resp)
         name = save_video(f"videos/{job.id}.{ext}", stream)
     job.refresh_from_db()
-    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=job.steps_total):
+    timings = list(job.node_timings or [])
+    if timings and job.uploading_at:
+        origin = job.submitted_at or job.created_at
+        start = (job.uploading_at - origin).total_seconds()
+        timings.append([progress_model.UPLOAD, progress_model.UPLOAD, round(start, 3),
+                        round((timezone.now() - job.uploading_at).total_seconds(), 3)])
+    if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=job.steps_total,
+                          node_timings=timings, eta_at=None):
         default_storage.delete(name)  # cancelled meanwhile: keep no orphan
         return
     finish_accounting(job)
@@ -532,6 +650,16 @@ def save_video(name, stream) -> str:
         raise StorageFailed(f"Could not upload the video to the storage: {exc}") from exc
 
 
+def sentences(*parts: str) -> str:
+    """Parts joined as sentences: each ends with a full stop (or ? or !) before the next begins."""
+    out = []
+    for part in parts:
+        part = part.strip()
+        if part:
+            out.append(part if part[-1] in ".?!" else part + ".")
+    return " ".join(out)
+
+
 def storage_retry(job, exc, fail) -> bool:
     """After a StorageFailed: True to try the upload again in the next slice; once the job has
     been uploading for STORAGE_GRACE, fail(job, message) it instead and return False."""
@@ -540,7 +668,7 @@ def storage_retry(job, exc, fail) -> bool:
     if (timezone.now() - since).total_seconds() < STORAGE_GRACE:
         log.warning("job %s: %s; will retry", job.id, exc)
         return True
-    fail(job, f"{exc} {STORAGE_ADVICE}")
+    fail(job, sentences(str(exc), STORAGE_ADVICE))
     return False
 
 

@@ -41,6 +41,7 @@ from django.db.models import Count
 from django.utils import timezone
 import django_q.tasks as q_tasks
 
+from generation import failures
 from generation.models import RunStat, SchedulerState, UserQuota, VideoJob
 from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
@@ -54,10 +55,6 @@ WAITING = (S.QUEUED, S.PROVISIONING)
 # A bound job holds its place's slot until ComfyUI is done with it (uploading frees the GPU).
 OCCUPYING = (S.QUEUED, S.PROVISIONING, S.SUBMITTED, S.RUNNING)
 MAX_BOOT_ATTEMPTS = 3  # failed vast.ai boots while jobs waited before they fail
-TROUBLESHOOTING = (
-    "Check that ComfyUI is running and reachable at the configured URL (Test connection in the admin "
-    "or POST /api/gpu/test-connection); a vast.ai tunnel URL changes when the instance restarts."
-)
 NO_GPU = (
     "No GPU is configured: set a ComfyUI URL (admin → GPU configuration, or POST /api/gpu/config), "
     "add a ComfyUI server, or choose the vast.ai provider."
@@ -598,7 +595,7 @@ def _fail_or_note_waiting(the_plan, gpu_places, config, result, now):
         for jid, unreachable_since in VideoJob.objects.filter(
                 place="", status__in=WAITING, unreachable_since__lt=now - grace).values_list("id", "unreachable_since"):
             _fail_waiting(jid, f"ComfyUI at {place.url} has been unreachable since "
-                               f"{timezone.localtime(since or unreachable_since):%H:%M:%S} ({error}). {TROUBLESHOOTING}",
+                               f"{timezone.localtime(since or unreachable_since):%H:%M:%S} ({error}).",
                           result)
     for job in the_plan.fal_blocked:
         _note(job.id, "Waiting: your fal.ai budget for today is spent (the limit is in your user quota); "
@@ -606,9 +603,7 @@ def _fail_or_note_waiting(the_plan, gpu_places, config, result, now):
     if down and not ready:
         place = down[0]
         since = capacity.down_since(place.url) or now
-        until = since + grace
-        _note_all(f"ComfyUI at {place.url} unreachable since {timezone.localtime(since):%H:%M:%S} "
-                  f"({_down_error(place.url)}); retrying until {timezone.localtime(until):%H:%M:%S}.", exclude=bound)
+        _note_all(unreachable_note(place.url, since, failures.short_reason(_down_error(place.url))), exclude=bound)
     elif booting and not ready:
         instance = VastInstance.objects.filter(pk=booting[0].instance_id).first()
         if instance is not None:
@@ -616,6 +611,13 @@ def _fail_or_note_waiting(the_plan, gpu_places, config, result, now):
             gpu = f", {instance.gpu_name} at ${instance.dph_total:.3f}/h" if instance.gpu_name else ""
             status = f": {instance.state}" + (f", {instance.status_msg}" if instance.status_msg else "")
             _note_all(f"Waiting for a vast.ai GPU ({what}{gpu}){status}"[:300], exclude=bound, provisioning=True)
+
+
+def unreachable_note(url: str, since: datetime, reason: str) -> str:
+    """What a job that waits for an unreachable ComfyUI says: since when, why, and until when it is retried."""
+    until = since + timedelta(seconds=settings.I2V_COMFYUI_GRACE)
+    return (f"ComfyUI at {url} unreachable since {timezone.localtime(since):%H:%M:%S} ({reason}); "
+            f"retrying until {timezone.localtime(until):%H:%M:%S}.")[:300]
 
 
 def _down_error(url) -> str:
@@ -638,12 +640,10 @@ def _note_all(note, *, exclude=(), provisioning=False):
 
 
 def _fail_waiting(job_id, message, result):
-    from generation.runner import finish_accounting  # noqa: PLC0415 -- runner imports this module
-
     job = VideoJob.objects.filter(pk=job_id, place="").first()
-    if job is not None and not job.is_terminal and job.transition(S.FAILED, error=message[:4000]):
+    # The failure's class and its advice come from the message (generation/failures.py).
+    if job is not None and not job.is_terminal and failures.fail_job(job, message, settle=transaction.on_commit):
         result.failed.append(job_id)
-        transaction.on_commit(lambda: finish_accounting(job))
 
 
 def _requeue_orphans(gpu_places, result):
@@ -710,6 +710,7 @@ def requeue(job: VideoJob, reason: str) -> bool:
     won = VideoJob.objects.filter(pk=job.pk, place=job.place, status=job.status).update(
         status=S.QUEUED, status_changed_at=now, place="", bound_at=None, posted_at=None, prompt_id="", client_id="",
         comfyui_url="", instance=None, step=0, progress=0.0, node_progress={}, current_node="", queue_position=None,
+        node_timings=[], eta_at=None,
         note=f"Back in the queue: {reason}."[:300],
     )
     if won:

@@ -19,7 +19,10 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 from pydantic import ValidationError as PydanticValidationError
 
+from generation import charts
+from generation.charts import node_timeline
 from generation.domain import QueueFull
+from generation.failures import GPU_CLASSES, advice
 from generation.inputs import MAX_IMAGE_BYTES, GenerateParams, InputError, clean_image
 from generation.models import VideoJob, Workflow
 from i2v.core.auth import bearer_user
@@ -61,7 +64,11 @@ def job_video(request, job_id):
         if request.headers.get("Authorization"):
             return HttpResponse("Invalid or revoked token.", status=401, content_type="text/plain")
         return redirect(f"{settings.LOGIN_URL}?next={request.path}")
-    job = _get_job_for_user(user, job_id)
+    return video_response(request, _get_job_for_user(user, job_id))
+
+
+def video_response(request, job):
+    """The job's video: a redirect to its storage URL on R2, else streamed with HTTP range support."""
     if not job.video:
         raise Http404("This job has no video yet.")
     if settings.R2_BUCKET:
@@ -229,6 +236,8 @@ def _form_context(request, form=None, errors=None):
         "form": form,
         "errors": errors or {},
         "choices": [(value, label) for value, label, _ in choices],
+        # Each model's defaults: the Advanced fields' placeholders follow the chosen model (i2v.js).
+        "model_defaults": [(value, label, wf.defaults or {}) for value, label, wf in choices],
         "defaults": defaults,
         "estimates": estimates,
         "form_key": form.get("form_key") or uuid.uuid4().hex,
@@ -435,9 +444,25 @@ def queue_message(job, now=None) -> str:
     return text
 
 
+# What the node that runs now does, by its class (the last open entry of node_timings).
+PHASES = (("Sampler", "sampling"), ("Loader", "loading the models"), ("TextEncode", "encoding the prompt"),
+          ("VAEDecode", "decoding the frames"), ("ImageToVideo", "preparing the latent video"),
+          ("CreateVideo", "encoding the video"), ("SaveVideo", "encoding the video"), ("LoadImage", "loading the image"))
+
+
+def _phase(job) -> str:
+    timings = job.node_timings or []
+    if not timings or timings[-1][3] is not None:
+        return ""
+    class_type = timings[-1][1] or ""
+    return next((words for needle, words in PHASES if needle in class_type), f"running {class_type}" if class_type else "")
+
+
 def status_message(job):
     if job.cancel_requested and not job.is_terminal:
         return "Cancelling…"
+    if job.unreachable_since is not None and job.status in (S.QUEUED, S.PROVISIONING, S.SUBMITTED):
+        return "Waiting for ComfyUI to answer"
     if job.status in (S.QUEUED, S.PROVISIONING) and not job.place:
         waiting = queue_message(job)
         if job.status == S.PROVISIONING:
@@ -450,6 +475,11 @@ def status_message(job):
             return f"Waiting in the ComfyUI queue (position {job.queue_position})"
         return "Submitted; waiting for the GPU to start"
     if job.status == S.RUNNING:
+        phase = _phase(job)
+        if phase == "sampling" and job.steps_total:
+            return f"Sampling: step {job.step} of {job.steps_total}"
+        if phase:
+            return phase[:1].upper() + phase[1:]
         if job.steps_total:
             return f"Step {job.step} of {job.steps_total}"
         return f"Running {job.current_node}" if job.current_node else "Running"
@@ -458,33 +488,14 @@ def status_message(job):
     return job.get_status_display()
 
 
-def troubleshooting_hint(job):
-    """What a person can do about a failed job, from what its error says."""
-    if job.status != S.FAILED:
+def eta_text(job) -> str:
+    """ "about 40 s left" from the job's ETA (learned from past runs), or "" when there is none."""
+    if job.is_terminal or job.eta_at is None:
         return ""
-    error = _error_text(job).lower()
-    if "no gpu is configured" in error:
-        return "Set a ComfyUI URL or rent a GPU on the GPU page, then retry."
-    if "authenticat" in error or "tunnel url" in error:
-        return ("The vast.ai tunnel URL may have expired (it changes when the instance restarts): copy the new URL "
-                "from the instance's Open button into the GPU page, then retry.")
-    if "still starting" in error or "not ready" in error:
-        return "ComfyUI is still starting (2-5 min after the instance boots). Check the GPU page's status, then retry."
-    if "fal_key" in error or "fal.ai rejected the api key" in error:
-        return "Check FAL_KEY (key id:secret from fal.ai/dashboard/keys) in the server's environment."
-    if "out of memory" in error or "outofmemory" in error:
-        return "The GPU ran out of memory: retry with a smaller resolution or fewer frames under Advanced."
-    if "value_not_in_list" in error or "missing model" in error:
-        return "A model file the workflow needs is missing on the GPU: the GPU page lists what is missing."
-    return ("Check that ComfyUI is running and reachable: Test connection on the GPU page tells whether it answers "
-            "and is ready; a vast.ai tunnel URL changes when the instance restarts. Then retry.")
-
-
-def _error_text(job):
-    from generation.runner import TROUBLESHOOTING
-
-    # The runner appends its generic advice; the page shows advice separately.
-    return (job.error or "").replace(TROUBLESHOOTING, "").strip()
+    left = (job.eta_at - timezone.now()).total_seconds()
+    if left < 1:
+        return "almost done"
+    return f"{_about(left)} left"
 
 
 def _status_context(job):
@@ -498,8 +509,11 @@ def _status_context(job):
         "percent": max(0, min(100, int(round((job.progress or 0) * 100)))),
         "message": status_message(job),
         "video_url": video_url(job),
-        "error_text": _error_text(job),
-        "hint": troubleshooting_hint(job),
+        "error_text": job.error,
+        "hint": advice(job),
+        "gpu_hint": job.error_class in GPU_CLASSES,
+        "eta": eta_text(job),
+        "node_timeline": node_timeline(job),
         "estimate": cost_estimate(job),
         "note": job.note,
     }
@@ -590,7 +604,11 @@ def job_list(request):
     else:
         status = ""
     page = Paginator(jobs, PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "generation/job_list.html", {"page_obj": page, "status": status, "statuses": S.choices})
+    days = charts.daily(request.user)
+    context = {"page_obj": page, "status": status, "statuses": S.choices}
+    if any(d.done or d.failed for d in days):
+        context["charts"] = [charts.jobs_chart(days), charts.money_chart(days)]
+    return render(request, "generation/job_list.html", context)
 
 
 @require_GET

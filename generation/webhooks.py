@@ -15,6 +15,7 @@ from datetime import timezone as dt_timezone
 
 import httpx
 from standardwebhooks.webhooks import Webhook
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
@@ -59,7 +60,7 @@ def deliver(job_id, attempt):
         return
     if WebhookDelivery.objects.filter(job=job, attempt=attempt).exists() or job.webhook_deliveries.filter(ok=True).exists():
         return  # this attempt already ran (a redelivered task), or an earlier one succeeded
-    body = json.dumps({"event": f"job.{job.status}", "job": job_json(job)}, cls=DjangoJSONEncoder).encode()
+    body = json.dumps({"event": f"job.{job.status}", "job": job_json(job, settings.I2V_PUBLIC_URL)}, cls=DjangoJSONEncoder).encode()
     started = time.monotonic()
     row = WebhookDelivery(job=job, attempt=attempt, url=job.webhook_url)
     secrets = WebhookSecret.signing_secrets(job.owner_id)

@@ -202,6 +202,7 @@ class ComfyUIClient(ServiceClient):
     service = "ComfyUI"
     error = ComfyUIError
     guard = netguard
+    retry_log_level = logging.INFO  # generation.runner warns once per outage
 
     def __init__(self, base_url, *, token=None, connect_timeout=5.0, read_timeout=30.0, retries=2, http_client=None, backoff=0.5):
         parts = urlsplit(base_url.strip())
@@ -500,6 +501,10 @@ class ComfyUIClient(ServiceClient):
             raise self._error(f"ComfyUI's websocket at {where} failed the handshake ({type(exc).__name__})", kind="bad_response", retryable=True) from None
         except ValueError:  # a redirect, which websockets does not follow on a given socket
             raise self._error(f"ComfyUI's websocket at {where} answered with a redirect; set the URL it redirects to", kind="bad_response") from None
+        except ConnectionClosed:
+            # The server closed the socket mid-handshake (restarting, or a proxy whose upstream is gone).
+            raise self._error(f"ComfyUI at {where} dropped the connection during the websocket handshake",
+                              kind="unreachable", retryable=True) from None
         except OSError as exc:
             raise self._error(f"Cannot open ComfyUI's websocket at {where}: {_connect_reason(exc)}", kind="unreachable", retryable=True) from None
         with connection:

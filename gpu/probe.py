@@ -119,8 +119,9 @@ def probe(url: str, *, token: str = "", timeout: float = 5.0) -> dict:
         try:
             swarm = _probe_swarmui(url, token, timeout)
         except httpx.HTTPError as exc:
-            reason = netguard.blocked_reason(exc) or f"{type(exc).__name__}"
-            return _result(url, reachable=True, status="unavailable", message=f"The server answered, but not as ComfyUI or SwarmUI ({reason}).")
+            reason = netguard.blocked_reason(exc)
+            message = "The server answered, but not as ComfyUI or SwarmUI"
+            return _result(url, reachable=True, status="unavailable", message=f"{message} ({reason})." if reason else f"{message}.")
         if swarm:
             return _result(url, reachable=True, api_type="swarmui", ready=True, status="available",
                            message="SwarmUI API ready", details=swarm)

@@ -111,6 +111,9 @@ class ServiceClient:
     error: type[ServiceError] = ServiceError
     hint = ""  # appended to "cannot connect" messages, e.g. " (check VASTAI_API_URL)"
     max_backoff = 8.0
+    # A retried call's log level: WARNING, unless the caller logs the outage itself (ComfyUI's runner
+    # warns once per outage, not on every try).
+    retry_log_level = logging.WARNING
 
     def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 30.0, retries: int = 2, backoff: float = 0.5,
                  max_retry_wait: float = 30.0, http_client: httpx.Client | None = None):
@@ -253,7 +256,7 @@ class ServiceClient:
             delay = retry_delay(error, attempt)
             if delay is None:
                 raise error
-            logging.getLogger(type(self).__module__).warning("%s %s %s failed (%s); retry %d/%d in %.2fs", self.service, method, path, error, attempt + 1,
+            logging.getLogger(type(self).__module__).log(self.retry_log_level, "%s %s %s failed (%s); retry %d/%d in %.2fs", self.service, method, path, error, attempt + 1,
                         attempts - 1, delay)
             self._sleep(delay)
         raise AssertionError("unreachable")
@@ -282,7 +285,7 @@ class ServiceClient:
             delay = self._retry_delay(error, attempt) if error.retryable and attempt < attempts - 1 else None
             if delay is None:
                 raise error
-            logging.getLogger(type(self).__module__).warning("%s download %s failed (%s), retrying", self.service, where, error)
+            logging.getLogger(type(self).__module__).log(self.retry_log_level, "%s download %s failed (%s), retrying", self.service, where, error)
             self._sleep(delay)
 
         def mid_download_error(what, exc):

@@ -23,6 +23,23 @@
     if (hint) hint.textContent = file.name + " · " + (file.size / 1e6).toFixed(1) + " MB";
   });
 
+  // The Advanced fields' placeholders say what an empty field means: the chosen model's defaults.
+  document.addEventListener("change", function (event) {
+    var select = event.target;
+    if (!select.matches || !select.matches("select#id_model")) return;
+    var option = select.options[select.selectedIndex];
+    if (!option) return;
+    var form = select.form || document;
+    form.querySelectorAll("[data-default]").forEach(function (input) {
+      var value = option.dataset[input.dataset.default];
+      if (value) input.placeholder = value;
+    });
+    form.querySelectorAll("[data-default-of]").forEach(function (span) {
+      var value = option.dataset[span.dataset.defaultOf];
+      if (value) span.textContent = value;
+    });
+  });
+
   function flash(message) {
     var box = document.getElementById("flash");
     if (!box) return;

@@ -64,3 +64,18 @@ def test_admin_job_page_plays_the_video(client, staff):
     assert f'<video src="/jobs/{job.id}/video"' in page
     listing = client.get("/admin/generation/videojob/?status__exact=completed").content.decode()
     assert str(job.id) in listing
+    # Every link on the page works: the input and the video go through the auth-checked views,
+    # never to /media/ (which nothing serves), and "Video" is one field.
+    assert "/media/" not in page
+    assert f'href="/jobs/{job.id}/image"' in page and f'href="/jobs/{job.id}/video"' in page
+    assert page.count(">Video:</label>") == 1
+    assert client.get(f"/jobs/{job.id}/video").status_code == 200
+
+
+def test_admin_names_webhook_deliveries_in_plain_english(client, staff):
+    job = VideoJob.objects.create(owner=staff, input_image="inputs/x.png", prompt="p", workflow_slug="smoke",
+                                  width=64, height=64, frames=17, fps=8)
+    job.webhook_deliveries.create(attempt=1, url="https://example.com/hook", status_code=500)
+    client.force_login(staff)
+    page = client.get(f"/admin/generation/videojob/{job.pk}/change/").content.decode()
+    assert "Webhook deliveries" in page and "deliverys" not in page.lower()

@@ -49,7 +49,7 @@ def test_fal_job_from_the_api_completes_into_our_storage_with_cost(fal, api, use
     assert job.cost_usd == estimate_cost("fal-ai/wan/v2.2-a14b/image-to-video", 832, 480, 81) == Decimal("0.2025")
     body = api.get(f"/api/jobs/{job.id}").json()
     assert body["cost_usd"] == 0.2025 and body["request_id"] == job.request_id
-    assert body["video_url"].startswith("/jobs/")  # served by i2v, not fal's CDN
+    assert body["video_url"] == f"http://testserver/api/jobs/{job.id}/video"  # served by i2v, not fal's CDN
     sent = fal.submissions[job.request_id]
     assert sent["prompt"] == "waves" and sent["num_frames"] == 81 and sent["resolution"] == "480p"
     assert sent["image_url"].startswith("data:image/png;base64,")
@@ -211,3 +211,36 @@ def test_fal_input_image_url_outlives_the_queue_wait_and_the_run(fal, user, sett
     assert httpx.get(sent).content == default_storage.open(job.input_image.name).read()
     submit = next(r for r in fal.requests if r.method == "POST")
     assert submit.headers["X-Fal-Request-Timeout"] == str(3 * 3600)  # fal drops it rather than start it after that
+
+
+# fal's documented model error for a flagged input (docs.fal.ai, "Model Errors"): a 422 whose detail
+# lists one entry per problem.
+CONTENT_POLICY = [{"loc": ["body", "prompt"], "msg": "The content was flagged by a content checker.",
+                   "type": "content_policy_violation", "url": "https://docs.fal.ai/errors#content_policy_violation",
+                   "input": "a flagged prompt", "categories": ["violence"]}]
+
+
+def test_fal_content_policy_failure_is_its_own_class_with_advice(fal, user, api):
+    fal.fail_status, fal.fail_message, fal.fail_type = 422, CONTENT_POLICY, "content_policy_violation"
+    job = run_to_end(fal_job(user))
+    assert job.status == S.FAILED and "flagged by a content checker" in job.error
+    body = api.get(f"/api/jobs/{job.id}").json()
+    assert body["error_class"] == "fal_content_policy"
+    assert "content checker flagged the prompt or the image" in body["advice"]
+
+
+def test_fal_bad_input_is_its_own_class(fal, user, api):
+    job = fal_job(user)
+    VideoJob.objects.filter(pk=job.pk).update(frames=200)  # fal's num_frames is 17-161
+    job = run_to_end(job)
+    assert job.status == S.FAILED
+    body = api.get(f"/api/jobs/{job.id}").json()
+    assert body["error_class"] == "fal_bad_input", body["error"]
+    assert "change the field it names" in body["advice"]
+
+
+def test_fal_model_failure_is_a_fal_error_with_its_dashboard(fal, user, api):
+    fal.fail_message = "CUDA out of memory on the runner"
+    job = run_to_end(fal_job(user))
+    body = api.get(f"/api/jobs/{job.id}").json()
+    assert body["error_class"] == "fal_error" and "fal.ai/dashboard/requests" in body["advice"]

@@ -138,6 +138,7 @@ def test_generate_bad_image_is_422(api, enqueued, image, words):
     resp = post_image(api, {}, image)
     assert resp.status_code == 422, resp.content
     assert resp.json()["detail"].startswith("image") and words in resp.json()["detail"]
+    assert "Error" not in resp.json()["detail"]  # no exception class names: a sentence a person can act on
     assert VideoJob.objects.count() == 0
 
 
@@ -165,6 +166,43 @@ def test_idempotency_key_returns_the_same_job(api, enqueued, django_capture_on_c
     assert first.status_code == 202 and second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
     assert VideoJob.objects.count() == 1 and len(enqueued) == 1
+
+
+def test_idempotency_key_with_a_different_request_is_409_naming_the_key(api, enqueued):
+    first = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"})
+    assert first.status_code == 202
+    other_prompt = post_image(api, {"prompt": "a dog"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"})
+    assert other_prompt.status_code == 409
+    assert "'my-clip-1'" in other_prompt.json()["detail"] and first.json()["id"] in other_prompt.json()["detail"]
+    other_image = post_image(api, {"prompt": "a cat"}, png_bytes(color=(1, 2, 3)), headers={"Idempotency-Key": "my-clip-1"})
+    assert other_image.status_code == 409
+    same = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"})
+    assert same.status_code == 200 and same.json()["id"] == first.json()["id"]
+    assert VideoJob.objects.count() == 1
+
+
+def test_idempotency_key_of_a_failed_job_starts_a_new_job(api, enqueued):
+    first = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"}).json()
+    VideoJob.objects.filter(pk=first["id"]).update(status="failed", error="No GPU is configured")
+    again = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"})
+    assert again.status_code == 202 and again.json()["id"] != first["id"] and again.json()["status"] == "queued"
+    # The failed job keeps its record; the key now stands for the new job.
+    assert VideoJob.objects.get(pk=first["id"]).status == "failed"
+    replay = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "my-clip-1"})
+    assert replay.status_code == 200 and replay.json()["id"] == again.json()["id"]
+
+
+def test_idempotency_key_expires_after_24_hours(api, enqueued):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    first = post_image(api, {"prompt": "a cat"}, png_bytes(), headers={"Idempotency-Key": "daily"}).json()
+    VideoJob.objects.filter(pk=first["id"]).update(created_at=timezone.now() - timedelta(hours=23))
+    assert post_image(api, {"prompt": "a dog"}, png_bytes(), headers={"Idempotency-Key": "daily"}).status_code == 409
+    VideoJob.objects.filter(pk=first["id"]).update(created_at=timezone.now() - timedelta(hours=25))
+    later = post_image(api, {"prompt": "a dog"}, png_bytes(), headers={"Idempotency-Key": "daily"})
+    assert later.status_code == 202 and later.json()["id"] != first["id"]
 
 
 def test_idempotency_key_is_per_user(api, client, other_token, enqueued):
@@ -237,7 +275,7 @@ def test_one_job_reads_every_field_as_stored(api, staff_api, user, settings, enq
     answer = api.get(f"/api/jobs/{job_id}").json()
     assert answer == staff_api.get(f"/api/jobs/{job_id}").json()
     assert answer["instance_id"] == str(instance.pk) and answer["cost_usd"] == 0.0123
-    assert answer["video_url"] == f"/jobs/{job_id}/video" and answer["video_size"] == 1234
+    assert answer["video_url"] == f"http://testserver/api/jobs/{job_id}/video" and answer["video_size"] == 1234
     assert answer["prompt"] == "a ‮ rtl prompt" and answer["note"] == "resubmitted once"
     listed = api.get("/api/jobs?limit=1").json()["items"][0]
     assert answer == listed

@@ -1,9 +1,16 @@
 """The whole path through a real django-q2 worker (qcluster) on the configured broker:
 API → queue → worker → ComfyUI double → storage → GET /api/jobs/{id} → the video."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+from django.conf import settings
+from django.db import connection
 
 from generation.domain import sync_shipped_workflows
 from generation.models import VideoJob, Workflow
@@ -12,6 +19,7 @@ from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
 from tests.helpers import png_bytes
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
 
 
@@ -156,3 +164,71 @@ def test_fal_job_through_two_429s_and_a_webhook_without_payload_completes_on_the
         assert delivery["body"]["payload"] is None and delivery["status"] == 200, delivery
         job = VideoJob.objects.get(pk=body["id"])
         assert default_storage.open(job.video.name).read() == fal.output_bytes()
+
+
+def _poll(api, job_id, done, timeout=60):
+    """GET /api/jobs/{id} like a script, until done(body) or the timeout."""
+    end = time.monotonic() + timeout
+    body = {}
+    while time.monotonic() < end:
+        body = api.get(f"/api/jobs/{job_id}").json()
+        if done(body):
+            break
+        time.sleep(0.2)
+    return body
+
+
+def test_empty_model_file_fails_through_the_worker_as_a_corrupt_file(api, worker):
+    import io
+    import json
+
+    sync_shipped_workflows(Workflow, ModelFile)
+    cases = json.loads((ROOT / "tests/fixtures/comfyui_errors.json").read_text())["cases"]
+    captured = cases["wan_empty_models"]["execution_error"]  # what a real ComfyUI said
+    with ComfyUIDouble(fail_node=captured["node_type"], fail_type=captured["exception_type"],
+                       fail_message=captured["exception_message"].removesuffix("\n")) as comfy:
+        config = GpuConfig.get()
+        config.comfyui_url = comfy.url
+        config.save()
+        image = io.BytesIO(png_bytes())
+        image.name = "in.png"
+        resp = api.post("/api/generate-video", data={"prompt": "waves", "image": image}, json=False)
+        body = wait_for_status(api, resp.json()["id"])
+    assert body["status"] == "failed", (body, worker.poll())
+    assert body["error_class"] == "corrupt_model" and "header too small" in body["error"]
+    assert "wan_2.1_vae.safetensors" in body["advice"] and "upload_models_to_r2" in body["advice"]
+
+
+def test_wrong_port_says_unreachable_through_the_worker_within_5_s(api, worker):
+    import io
+
+    from tests.conftest import free_port
+
+    sync_shipped_workflows(Workflow, ModelFile)
+    url = f"http://127.0.0.1:{free_port()}"
+    config = GpuConfig.get()
+    config.comfyui_url = url
+    config.save()
+    image = io.BytesIO(png_bytes())
+    image.name = "in.png"
+    wait_until_running(worker)
+    started = time.monotonic()
+    resp = api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
+    body = _poll(api, resp.json()["id"], lambda b: (b["note"] or "").startswith(f"ComfyUI at {url} unreachable since"), 5)
+    assert time.monotonic() - started < 5 and body["status"] == "queued", body
+    assert "(connection refused); retrying until" in body["note"]
+
+
+def wait_until_running(worker, timeout=60):
+    """Block until the qcluster says it is running (its workers then take tasks at once)."""
+    import threading
+
+    ready = threading.Event()
+
+    def read():
+        for line in worker.stdout:
+            if "running" in line.lower():
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ready.wait(timeout), "the worker did not start"

@@ -152,3 +152,20 @@ def test_staff_rights_removed_in_this_process_apply_at_once(client, staff, setti
     staff.save()
     resp = client.post("/api/gpu/config", body, content_type="application/json", headers=auth)
     assert resp.status_code == 403, resp.content
+
+
+def test_failed_login_keeps_the_username(client, user):
+    resp = client.post("/accounts/login/", {"username": "alice", "password": "wrong"})
+    html = resp.content.decode()
+    assert "didn&#x27;t match" in html or "didn't match" in html
+    assert 'value="alice"' in html
+
+
+def test_favicon_is_served(client, user):
+    from django.contrib.staticfiles import finders
+
+    resp = client.get("/favicon.ico")
+    assert resp.status_code == 301 and resp["Location"].endswith("/favicon.svg")
+    assert finders.find("favicon.svg")
+    client.force_login(user)
+    assert 'rel="icon"' in client.get("/").content.decode()

@@ -28,6 +28,38 @@ def wait_until_serving(url, proc, deadline=60):
     raise AssertionError("server did not come up")
 
 
+def readme_python_example() -> str:
+    """The README's httpx example, verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    api = readme[readme.index("## API"):]
+    return api[api.index("```python\n") + len("```python\n"):api.index("```", api.index("```python\n") + 10)]
+
+
+def run_readme_python_example(base, token, folder):
+    """Point the server at a ComfyUI double, then run the README's example as a user would (their
+    image in the current folder, their token in TOKEN, the server on its default address)."""
+    from tests.doubles.comfyui import ComfyUIDouble
+    from tests.helpers import png_bytes
+
+    example = readme_python_example().replace("http://127.0.0.1:8000", base)
+    (folder / "dragon.png").write_bytes(png_bytes(832, 480))
+    with ComfyUIDouble(run_seconds=0.5) as comfy:
+        set_gpu = httpx.post(f"{base}/api/gpu/config", headers={"Authorization": f"Bearer {token}"},
+                             json={"comfyui_url": comfy.url, "gpu_provider": "local"})
+        assert set_gpu.status_code == 200, set_gpu.text
+        done = subprocess.run([sys.executable, "-c", f"TOKEN = {token!r}\n{example}"], cwd=folder,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.splitlines()[-1] == "saved clip.mp4"
+        assert (folder / "clip.mp4").read_bytes() == comfy.output_bytes(*_only_output(comfy))
+
+
+def _only_output(comfy):
+    [item] = httpx.get(f"{comfy.url}/history").json().values()
+    [entry] = [e for node in item["outputs"].values() for e in node.get("images", [])]
+    return entry["filename"], entry["subfolder"]
+
+
 @pytest.mark.slow_start
 def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
@@ -63,6 +95,7 @@ def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
         assert httpx.get(f"{base}/api/gpu/config").status_code == 401
         ok = httpx.get(f"{base}/api/gpu/config", headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200 and ok.json()["gpu_provider"] == "none"
+        run_readme_python_example(base, token, tmp_path)
         # The worker is up too: its cluster announces itself in the output.
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=40)

@@ -47,7 +47,8 @@ def fire(url, token, requests):
         with httpx.Client(timeout=60) as http:
             barrier.wait()
             resp = http.post(f"{url}/api/generate-video", headers=headers,
-                             data={"prompt": f"burst {i}", "workflow": "smoke"},
+                             # A retried request repeats its body: the same key with another body is a 409.
+                             data={"prompt": f"burst {key or i}", "workflow": "smoke"},
                              files={"image": ("in.png", image, "image/png")})
         results[i] = (key, resp.status_code, resp.json().get("id"), resp.text[:300])
 

@@ -156,9 +156,11 @@ def test_single_put_fails_once_mid_upload_then_is_retried_and_the_job_completes(
     assert_stored_exactly_the_output(job, comfy, bucket)
     puts = r2.seen("PUT", object_path(job))
     assert [p.fault for p in puts] == [fault, None]  # failed once, retried once, whole
-    # The user gets the whole video from the URL the API hands out.
+    # The user gets the whole video from the URL the API hands out (a redirect to a presigned URL).
     url = api.get(f"/api/jobs/{job.id}").json()["video_url"]
-    got = httpx.get(url)
+    redirect = api.get(url)
+    assert redirect.status_code == 302
+    got = httpx.get(redirect["Location"])
     assert got.status_code == 200 and len(got.content) == SMALL
     assert hashlib.sha256(got.content).hexdigest() == stored_digest(bucket, key_of(job))[1]
 
@@ -244,6 +246,7 @@ def test_storage_that_keeps_failing_keeps_the_job_uploading_then_fails_it_clearl
     body = api.get(f"/api/jobs/{job.id}").json()
     assert body["status"] == "failed" and body["video_url"] is None
     assert "Could not upload the video to the storage" in body["error"]
+    assert body["error_class"] == "storage_refused" and "the storage refused it" in body["advice"]
 
 
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["put", "multipart"])
