@@ -33,8 +33,21 @@ def test_generate_multipart_creates_queued_job_and_one_task(api, user, enqueued,
     job = VideoJob.objects.get(pk=body["id"])
     assert job.owner == user
     assert default_storage.open(job.input_image.name).read() == png_bytes()
-    # One scheduling pass is asked for; the scheduler hands the job to a worker when a GPU has room.
-    assert [func for func, _ in enqueued] == ["generation.tasks.schedule"]
+    # The request's own scheduling pass found no GPU configured: the job failed at once, saying so.
+    job.refresh_from_db()
+    assert job.status == "failed" and "No GPU is configured" in job.error and enqueued == []
+
+
+def test_generate_places_the_job_on_a_free_gpu_at_once(api, user, enqueued, django_capture_on_commit_callbacks):
+    from gpu.models import GpuConfig
+
+    GpuConfig.objects.filter(pk=GpuConfig.get().pk).update(comfyui_url="http://127.0.0.1:9", gpu_provider="local")
+    with django_capture_on_commit_callbacks(execute=True):
+        resp = post_image(api, {}, png_bytes())
+    job = VideoJob.objects.get(pk=resp.json()["id"])
+    # Placed by the request's own pass, and handed straight to a worker: no scheduling task between.
+    assert job.place == "config" and job.status == "queued"
+    assert enqueued == [("generation.tasks.run_job", (str(job.id),))]
 
 
 def test_generate_uses_workflow_defaults(api, enqueued):
@@ -160,12 +173,16 @@ def test_generate_requires_auth(db, anon_api, enqueued):
 
 
 def test_idempotency_key_returns_the_same_job(api, enqueued, django_capture_on_commit_callbacks):
+    from gpu.models import GpuConfig
+
+    GpuConfig.objects.filter(pk=GpuConfig.get().pk).update(comfyui_url="http://127.0.0.1:9", gpu_provider="local")
     with django_capture_on_commit_callbacks(execute=True):
         first = post_image(api, {}, png_bytes(), headers={"Idempotency-Key": "abc-1"})
         second = post_image(api, {}, png_bytes(), headers={"Idempotency-Key": "abc-1"})
     assert first.status_code == 202 and second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
-    assert VideoJob.objects.count() == 1 and len(enqueued) == 1
+    # One job, handed to a worker once.
+    assert VideoJob.objects.count() == 1 and enqueued == [("generation.tasks.run_job", (first.json()["id"],))]
 
 
 def test_idempotency_key_with_a_different_request_is_409_naming_the_key(api, enqueued):

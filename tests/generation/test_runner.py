@@ -6,6 +6,7 @@ import time
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+from django.utils import timezone
 
 from generation import runner, scheduler, tasks
 from generation.domain import sync_shipped_workflows
@@ -153,6 +154,7 @@ def test_worker_killed_after_post_resumes_without_second_post(configured, user, 
 
     # Die right after ComfyUI received the prompt, before the job was marked submitted.
     def post_and_die(client, j):
+        VideoJob.objects.filter(pk=j.pk).update(posted_at=timezone.now())  # as _post records before its POST
         client.submit(runner.build_graph(j, client.upload_image(png_bytes(), f"{j.id}.png")), prompt_id=j.prompt_id,
                       client_id=j.client_id, output_node=j.workflow.output_node)
         raise WorkerDied()

@@ -144,11 +144,14 @@ def test_max_waiting_answers_429_naming_the_limit(api, user, requeued, settings)
         image.name = "in.png"
         return api.post("/api/generate-video", data={"prompt": "waves", "workflow": "smoke", "image": image}, json=False)
 
-    assert [post().status_code for _ in range(2)] == [202, 202]
+    # One GPU slot (no worker runs here): the first job is placed, the next two wait.
+    GpuConfig.objects.filter(pk=GpuConfig.get().pk).update(comfyui_url="http://127.0.0.1:9", gpu_provider="local",
+                                                           slots_per_gpu=1)
+    assert [post().status_code for _ in range(3)] == [202, 202, 202]
     refused = post()
     assert refused.status_code == 429
     assert refused.json()["detail"].startswith("You have 2 jobs waiting, the limit is 2 (max_waiting)")
-    assert VideoJob.objects.count() == 2
+    assert VideoJob.objects.count() == 3
     UserQuota.objects.create(user=user, max_waiting=3)
     assert post().status_code == 202
 

@@ -154,9 +154,11 @@ def test_generate_creates_the_job_and_opens_its_page(logged_in, user, no_worker,
     assert resp.status_code == 302 and resp["Location"] == f"/jobs/{job.id}/"
     assert (job.owner, job.prompt, job.negative_prompt, job.backend, job.workflow_slug) == (
         user, "the dragon breathes fire", "blurry", "comfyui", "wan22-i2v")
-    assert (job.width, job.height, job.frames, job.fps, job.seed, job.status) == (640, 640, 33, 12, 7, S.QUEUED)
+    assert (job.width, job.height, job.frames, job.fps, job.seed) == (640, 640, 33, 12, 7)
     assert default_storage.open(job.input_image.name).read() == png_bytes()
-    assert [call[0] for call in no_worker] == ["generation.tasks.schedule"]
+    # No GPU is configured: the pass right after the job was stored failed it, saying so.
+    job.refresh_from_db()
+    assert job.status == S.FAILED and "No GPU is configured" in job.error and no_worker == []
 
 
 def test_generate_with_htmx_answers_hx_redirect(logged_in):

@@ -112,9 +112,19 @@ def test_prefer_wait_answers_with_the_finished_job(api, user, configured):  # no
 
 
 def test_prefer_wait_that_runs_out_answers_202_with_the_job(api, user, requeued):  # noqa: F811
+    from gpu.models import GpuConfig
+
+    # A GPU nobody runs jobs on here (no worker): the job is placed and stays queued.
+    GpuConfig.objects.filter(pk=GpuConfig.get().pk).update(comfyui_url="http://127.0.0.1:9", gpu_provider="local")
     resp = _post(api, headers={"Prefer": "wait=1"})
-    assert resp.status_code == 202 and resp.json()["status"] in ("queued", "failed")
+    assert resp.status_code == 202 and resp.json()["status"] == "queued" and resp.json()["place"] == "config"
     assert resp["Preference-Applied"] == "wait=1"
+
+
+def test_prefer_wait_answers_at_once_with_a_job_that_failed_at_once(api, user, requeued):  # noqa: F811
+    resp = _post(api, headers={"Prefer": "wait=30"})  # no GPU is configured
+    assert resp.status_code == 200 and resp.json()["status"] == "failed"
+    assert "No GPU is configured" in resp.json()["error"]
 
 
 @pytest.mark.parametrize("prefer", ["wait=0", "wait=61", "wait=soon"])
@@ -151,11 +161,14 @@ def test_fifty_waiting_clients_hold_no_thread_and_leave_when_they_disconnect(tmp
         from tests.i2v.test_make_run import wait_until_serving
 
         wait_until_serving(f"{base}/api/ping", web)
+        # A GPU is configured (nothing listens there and no worker runs): the job is placed and stays so.
+        httpx.post(f"{base}/api/gpu/config", headers=auth, timeout=30,
+                   json={"comfyui_url": "http://127.0.0.1:9", "gpu_provider": "local"}).raise_for_status()
         created = httpx.post(f"{base}/api/generate-video", headers=auth, timeout=30,
                              files={"image": ("in.png", png_bytes(), "image/png")},
                              data={"prompt": "waves", "workflow": "smoke"})
         assert created.status_code == 202, created.text
-        job_id = created.json()["id"]  # no worker runs here: it stays queued
+        job_id = created.json()["id"]
 
         async def scenario():
             async with httpx.AsyncClient(base_url=base, headers=auth, timeout=60) as client:

@@ -4,6 +4,7 @@ The job, the wait task and the schedules are driven by calling the tasks, as the
 vast.ai and ComfyUI are real HTTP doubles; R2 is a moto S3 server.
 """
 
+import io
 from datetime import timedelta
 from decimal import Decimal
 
@@ -20,6 +21,7 @@ from gpu.models import GpuConfig, VastInstance
 from tests.gpu.vast_helpers import *  # noqa: F401,F403 (fixtures)
 from tests.gpu.vast_helpers import CHEAPEST_MATCHING, live_vast_ids, smoke_job
 from tests.generation.test_worker_e2e import start_worker  # noqa: F401 (fixture)
+from tests.helpers import png_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 S = VideoJob.Status
