@@ -62,7 +62,7 @@ def test_jobs_on_an_adopted_instance_complete_when_its_tunnel_rotates(api, staff
         for body in bodies.values():
             assert body["status"] == "completed", (body, worker.poll())
             assert body["note"] == TUNNEL_NOTE
-        config = api.get("/api/gpu/config").json()
+        config = staff_api.get("/api/gpu/config").json()  # only staff see the URL
         assert config["comfyui_url"] == new_url and config["comfyui_available"] is True
         change = GpuConfigChange.objects.get(field="comfyui_url", source="tunnel")
         assert (change.old_value, change.new_value) == (old_url, new_url)
