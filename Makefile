@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: run test test-long install install-dev bench bench-scheduler bench-load clean
+.PHONY: run test test-long install install-dev bench bench-scheduler bench-dispatch bench-load clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(VENV)/.dev
 # The scheduler's figures (README): pass cost, pool makespan, fairness, a bursty vast.ai day, price.
 bench-scheduler: $(VENV)/.dev
 	$(PY) bench/bench_scheduler.py $(BENCH_ARGS)
+
+# Per-job overhead over ComfyUI's own execution (README), against a raw client; needs PostgreSQL + Redis.
+bench-dispatch: $(VENV)/.dev
+	$(PY) bench/bench_dispatch.py $(BENCH_ARGS)
 
 # The load figures of docs/reliability.md: `make run`'s stack on PostgreSQL + Redis, driven by wrk.
 bench-load: $(VENV)/.dev
