@@ -19,6 +19,8 @@
 """
 
 import argparse
+import collections
+import contextlib
 import os
 import signal
 import statistics
@@ -159,18 +161,26 @@ def wait_done(ids, timeout):
     return False
 
 
-def bench_pool(jobs=200, gpus=4, run=1.0):
+@contextlib.contextmanager
+def pool_of(gpus, run):
+    """`gpus` ComfyUI doubles taking `run` seconds a prompt, configured as the GPUs, and a qcluster
+    with a worker for each of their slots."""
     from tests.doubles.comfyui import ComfyUIDouble
 
-    doubles = [ComfyUIDouble(run_seconds=run) for _ in range(gpus)]
-    for d in doubles:
-        d.__enter__()
-    cluster = None
-    try:
+    with contextlib.ExitStack() as stack:
+        doubles = [stack.enter_context(ComfyUIDouble(run_seconds=run)) for _ in range(gpus)]
         reset([d.url for d in doubles])
+        cluster = Cluster(workers=gpus * 2 + 1)
+        try:
+            yield doubles
+        finally:
+            cluster.stop()
+
+
+def bench_pool(jobs=200, gpus=4, run=1.0):
+    with pool_of(gpus, run) as doubles:
         (owner,) = users(1)
         UserQuota.objects.create(user=owner, max_waiting=jobs, max_running=jobs)
-        cluster = Cluster(workers=gpus * 2 + 1)
         ids = submit(owner, jobs)
         ok = wait_done(ids, timeout=jobs * run * 3 + 60)
         rows = list(VideoJob.objects.filter(pk__in=ids))
@@ -179,32 +189,19 @@ def bench_pool(jobs=200, gpus=4, run=1.0):
         end = max(r.finished_at for r in rows)
         makespan = (end - start).total_seconds()
         ideal = jobs * run / gpus
-        posts = sum((d.prompt_posts for d in doubles), start=__import__("collections").Counter())
+        posts = sum((d.prompt_posts for d in doubles), start=collections.Counter())
         print(f"pool: {jobs} jobs × {run:.0f} s on {gpus} ComfyUI doubles, real qcluster ({connection.vendor}): makespan "
               f"{makespan:.1f} s, ideal {ideal:.0f} s, ratio {makespan / ideal:.3f} (goal ≤ 1.1: "
               f"{'met' if makespan <= 1.1 * ideal else 'NOT met'}); per GPU {[len(d.prompt_posts) for d in doubles]} "
               f"jobs, most held at once {max(d.max_queued for d in doubles)}, POST /prompt per job "
               f"{set(posts.values())}")
         return makespan / ideal
-    finally:
-        if cluster:
-            cluster.stop()
-        for d in doubles:
-            d.__exit__(None, None, None)
 
 
 def bench_fair(backlog=100, each=5, gpus=2, run=1.0):
-    from tests.doubles.comfyui import ComfyUIDouble
-
-    doubles = [ComfyUIDouble(run_seconds=run) for _ in range(gpus)]
-    for d in doubles:
-        d.__enter__()
-    cluster = None
-    try:
-        reset([d.url for d in doubles])
+    with pool_of(gpus, run):
         a, b, c = users(3)
         UserQuota.objects.create(user=a, max_waiting=backlog, max_running=backlog)
-        cluster = Cluster(workers=gpus * 2 + 1)
         submit(a, backlog)
         time.sleep(0)  # B and C come right after A's burst was accepted
         posted = time.monotonic()
@@ -230,11 +227,6 @@ def bench_fair(backlog=100, each=5, gpus=2, run=1.0):
               f"first served would be ~{fifo:.0f} s; A finished {a_done} meanwhile (wall {took:.1f} s); placed while B "
               f"or C waited: A {share['bench0']}, B {share['bench1']}, C {share['bench2']}")
         return worst / alone
-    finally:
-        if cluster:
-            cluster.stop()
-        for d in doubles:
-            d.__exit__(None, None, None)
 
 
 def main():
