@@ -13,3 +13,6 @@ class GenerationConfig(AppConfig):
         capacity.register_demand(active_jobs=scheduler.active_jobs_on, jobs_waiting=scheduler.gpu_jobs_waiting,
                                  workflow_models=workflow_schema.graph_models)
         capacity.capacity_changed.connect(scheduler.on_capacity_changed, dispatch_uid="scheduler-capacity")
+        # Loaded here, before django-q2 forks its workers: a worker's first job would otherwise pay
+        # for importing the runner and its clients (boto3 alone takes ~70 ms).
+        from generation import tasks  # noqa: F401

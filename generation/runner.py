@@ -19,6 +19,8 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import BotoCoreError, ClientError
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
@@ -641,9 +643,6 @@ def save_video(name, stream) -> str:
 
     A failed upload leaves no object behind: S3/R2 creates an object only when its PutObject (or
     CompleteMultipartUpload) succeeds, and s3transfer aborts a multipart upload that failed."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         return default_storage.save(name, File(stream, name=name.rsplit("/", 1)[-1]))
     except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
