@@ -1,23 +1,18 @@
 """The whole path through a real django-q2 worker (qcluster) on the configured broker:
 API → queue → worker → ComfyUI double → storage → GET /api/jobs/{id} → the video."""
 
-import os
-import signal
-import subprocess
-import sys
+import contextlib
 import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings
-from django.db import connection
 
 from generation.domain import sync_shipped_workflows
 from generation.models import VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
-from tests.helpers import png_bytes
+from tests.helpers import png_bytes, qcluster
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
@@ -25,31 +20,10 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow_start]
 
 @pytest.fixture
 def start_worker():
-    """start(**env) runs `manage.py qcluster` on the test database with these extra environment variables."""
-    procs = []
-
-    def start(**extra):
-        env = dict(os.environ)
-        env.update({
-            "DJANGO_SETTINGS_MODULE": "i2v.settings_test",
-            "I2V_DATA_DIR": str(settings.DATA_DIR),
-            "I2V_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
-            "I2V_Q_NAME": settings.Q_CLUSTER["name"],
-            "I2V_WORKERS": "2",
-        })
-        env.update({key: str(value) for key, value in extra.items()})
-        proc = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=ROOT, env=env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    """start(**env) runs `manage.py qcluster` (tests.helpers.qcluster) with these extra environment
+    variables; every one started is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **extra: stack.enter_context(qcluster(**{"I2V_WORKERS": 2, **extra}))
 
 
 @pytest.fixture
