@@ -207,7 +207,9 @@ def _unreachable(job, exc, deadline: float) -> bool:
         VideoJob.objects.filter(pk=job.pk, place="", status__in=VideoJob.ACTIVE).update(note=note)
         return True
     if _within_grace(job):
-        VideoJob.objects.filter(pk=job.pk).exclude(note=note).update(note=note)
+        # Only while the job is still on that URL: another worker may have just followed its tunnel
+        # and said so in the note, which must not be overwritten by this stale one.
+        VideoJob.objects.filter(pk=job.pk, comfyui_url=url).exclude(note=note).update(note=note)
         # Not a tight loop through the queue while it stays down.
         time.sleep(max(0.0, min(UNREACHABLE_PAUSE, deadline - time.monotonic())))
         return False
@@ -221,8 +223,9 @@ def _reachable(job):
         log.warning("ComfyUI at %s answers again", job.comfyui_url)
     if job.unreachable_since is not None:
         VideoJob.objects.filter(pk=job.pk).update(unreachable_since=None)
-        # The "unreachable since … retrying until …" note no longer holds.
-        VideoJob.objects.filter(pk=job.pk, note__startswith=f"ComfyUI at {job.comfyui_url} unreachable since").update(note="")
+        # The "unreachable since … retrying until …" note no longer holds (whichever URL it names:
+        # the job may have moved to a followed tunnel meanwhile).
+        VideoJob.objects.filter(pk=job.pk, note__startswith="ComfyUI at ", note__contains=" unreachable since ").update(note="")
 
 
 class Connection:

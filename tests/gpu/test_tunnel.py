@@ -100,3 +100,41 @@ def test_a_url_that_is_no_instances_is_not_followed(policy, vast, comfy):
     config.save()
 
     assert tunnel.follow_tunnel(comfy.url) is None
+
+
+def test_a_worker_that_found_the_old_url_dead_does_not_overwrite_the_switch_another_made(
+        adopted, vast, comfy, user, vast_settings, monkeypatch):
+    """Two workers meet the dead URL at once; one follows the tunnel while the other is still writing
+    its "unreachable since …" note. The job keeps the switch's note and completes with it."""
+    comfy.hold = threading.Event()
+    first, second = smoke_job(user), smoke_job(user)
+    assert job_tasks.schedule().startswith("bound 2")
+    job_tasks.run_job(str(first.id))
+    job_tasks.run_job(str(second.id))
+    comfy.wait_held()
+    new_url = vast.rotate_tunnel(adopted.vast_id)
+
+    # The second worker: its own look at the portal comes back empty (the first worker is at it);
+    # between reading the job and writing its note, the first worker switches every job over.
+    follow = runner.follow_moved_tunnel
+    monkeypatch.setattr(runner, "follow_moved_tunnel", lambda job: False)
+    unreachable_note = runner.scheduler.unreachable_note
+
+    def note_while_the_other_worker_switches(url, since, reason):
+        follow(VideoJob.objects.get(pk=first.pk))
+        return unreachable_note(url, since, reason)
+
+    monkeypatch.setattr(runner.scheduler, "unreachable_note", note_while_the_other_worker_switches)
+    monkeypatch.setattr(runner, "UNREACHABLE_PAUSE", 0)
+    job_tasks.run_job(str(second.id))
+    monkeypatch.undo()
+
+    second.refresh_from_db()
+    assert second.comfyui_url == new_url and second.note == runner.TUNNEL_NOTE
+    comfy.hold.set()
+    vast_settings.I2V_FOLLOW_SLICE = 2
+    for _ in range(40):
+        if job_tasks.run_job(str(second.id)) == "done":
+            break
+    second.refresh_from_db()
+    assert second.status == S.COMPLETED and second.note == runner.TUNNEL_NOTE
