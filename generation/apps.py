@@ -15,4 +15,8 @@ class GenerationConfig(AppConfig):
         capacity.capacity_changed.connect(scheduler.on_capacity_changed, dispatch_uid="scheduler-capacity")
         # Loaded here, before django-q2 forks its workers: a worker's first job would otherwise pay
         # for importing the runner and its clients (boto3 alone takes ~70 ms).
-        from generation import tasks  # noqa: F401
+        from django_q.signals import post_spawn
+
+        from generation import tasks
+
+        post_spawn.connect(tasks.warm_worker, dispatch_uid="warm-worker")

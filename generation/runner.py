@@ -12,6 +12,7 @@ resumed by the next one without a second `POST /prompt`:
 
 import io
 import logging
+import mimetypes
 import random
 import threading
 import time
@@ -85,8 +86,17 @@ def comfyui_timeout() -> float:
     return max(0.5, min(30.0, budget / 5))
 
 
-def client_for(job) -> ComfyUIClient:
-    url, token, _ = target_for(job)
+def warm() -> None:
+    """Read what a job's first steps read (nothing is written), so that a new worker process has
+    Django's model metadata and query paths ready before its first job."""
+    VideoJob.objects.select_related("workflow", "instance").filter(pk=uuid.UUID(int=0)).first()
+    capacity.resolve(capacity.CONFIG)
+    mimetypes.init()  # the upload names the image's type: reading the system's type lists takes ms
+
+
+def client_for(job, target=None) -> ComfyUIClient:
+    """A client for the job's ComfyUI; `target`: target_for(job) when the caller has it."""
+    url, token, _ = target or target_for(job)
     timeout = comfyui_timeout()
     return ComfyUIClient(url, token=token or None, connect_timeout=min(5.0, timeout), read_timeout=timeout)
 
@@ -139,14 +149,14 @@ def advance(job_id, deadline: float) -> bool:
         from generation import fal_runner  # noqa: PLC0415 -- fal_runner imports this module
 
         return fal_runner.advance(job_id, deadline)
-    conn = None
+    conn = target = None
     try:
         if job.status in (S.QUEUED, S.PROVISIONING):
             if job.cancel_requested:
                 job.transition(S.CANCELLED, error="Cancelled by the user.")
                 return True
-            claim_ids(job)
-        conn = Connection(job)
+            target = claim_ids(job)
+        conn = Connection(job, target)
         if job.status in (S.QUEUED, S.PROVISIONING):
             submit(job, conn)
         if job.status in (S.SUBMITTED, S.RUNNING):
@@ -232,8 +242,8 @@ class Connection:
     """A job's ComfyUI client and its websocket, opened before anything is posted: ComfyUI
     drops (does not buffer) the events of a client that is not connected."""
 
-    def __init__(self, job):
-        self.client = client_for(job)
+    def __init__(self, job, target=None):
+        self.client = client_for(job, target)
         self.events = None
         self._cm = None
 
@@ -299,16 +309,21 @@ def _within_grace(job) -> bool:
 
 def claim_ids(job):
     """Record where the job runs and its prompt/client ids before anything is posted, so a
-    crash after the POST finds them and does not post again."""
+    crash after the POST finds them and does not post again. Returns target_for(job), or None
+    when the job was claimed before."""
     if job.prompt_id:
-        return
-    url, _, place = target_for(job)
-    seed = job.seed if job.seed is not None else random.randrange(0, 2**53)
-    VideoJob.objects.filter(pk=job.pk, prompt_id="").update(
-        prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url, seed=seed,
-        instance_id=place.instance_id, gpu_class=place.gpu_class, submit_count=F("submit_count") + 1,
-    )
-    job.refresh_from_db()
+        return None
+    url, token, place = target_for(job)
+    fields = dict(prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url,
+                  seed=job.seed if job.seed is not None else random.randrange(0, 2**53),
+                  instance_id=place.instance_id, gpu_class=place.gpu_class)
+    if not VideoJob.objects.filter(pk=job.pk, prompt_id="").update(submit_count=F("submit_count") + 1, **fields):
+        job.refresh_from_db()  # another worker claimed it just now: its ids hold
+        return None
+    for name, value in fields.items():
+        setattr(job, name, value)  # (a changed instance_id drops the cached instance)
+    job.submit_count += 1
+    return url, token, place
 
 
 def submit(job, conn):

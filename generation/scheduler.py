@@ -810,10 +810,20 @@ def place_now() -> PassResult:
     return result
 
 
+def place_waiting() -> PassResult | None:
+    """place_now() when a job waits, placed or not (a placed one may be bound to a place that just
+    went), else nothing: one indexed look instead of a whole pass on every job's way out. What a
+    pass does besides placing (giving back idle GPUs, requeueing running jobs whose place went) is
+    time's work, and the watchdog's pass every minute does it."""
+    if not VideoJob.objects.filter(status__in=WAITING, cancel_requested=False).exists():
+        return None
+    return place_now()
+
+
 def slot_freed() -> None:
     """A GPU slot just freed: place the next job at once (a failing pass is left to the next one)."""
     try:
-        place_now()
+        place_waiting()
     except Exception as exc:  # noqa: BLE001 - the job that freed the slot must go on storing its video
         log.warning("scheduling pass after a freed slot failed: %s", exc)
 

@@ -87,7 +87,7 @@ def expected_boot_seconds(config: GpuConfig | None = None) -> float:
 def _config_place(config) -> Place | None:
     if not config.comfyui_url:
         return None
-    instance = instance_for_url(config.comfyui_url)
+    instance = instance_for_url(config.comfyui_url, config)
     if instance is not None:
         # A vast.ai instance's URL (one the user rented and named): one place, its busy time, its price.
         return Place(CONFIG, config.comfyui_url, config.comfyui_token or instance.web_password, config.slots_per_gpu,

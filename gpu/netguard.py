@@ -180,6 +180,11 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+def warm() -> None:
+    """Build the shared TLS context now (a process about to serve jobs, not its first job, pays for it)."""
+    _ssl_context()
+
+
 def http_client(**kwargs) -> httpx.Client:
     """An httpx.Client whose every connection (and redirect hop) goes to an address that passed
     the guard. Environment proxies are not used (an explicit transport turns them off in httpx)."""

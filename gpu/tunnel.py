@@ -35,8 +35,9 @@ def same_url(a: str, b: str) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
 
 
-def instance_for_url(url: str) -> VastInstance | None:
-    """The live instance whose ComfyUI is at `url` (its direct port or its tunnel), if any."""
+def instance_for_url(url: str, config: GpuConfig | None = None) -> VastInstance | None:
+    """The live instance whose ComfyUI is at `url` (its direct port or its tunnel), if any.
+    `config`: the GPU configuration when the caller has just read it."""
     if not url:
         return None
     url = url.rstrip("/")
@@ -44,7 +45,7 @@ def instance_for_url(url: str) -> VastInstance | None:
         Q(comfyui_url=url) | Q(comfyui_url=url + "/")).order_by("-created_at").first()
     if found is not None:
         return found
-    config = GpuConfig.get()
+    config = config or GpuConfig.get()
     if config.vastai_instance_id and same_url(config.comfyui_url, url):
         return VastInstance.objects.filter(vast_id=config.vastai_instance_id, state__in=VastInstance.LIVE).first()
     return None
@@ -61,7 +62,7 @@ def configured_token(config: GpuConfig) -> str:
     vast.ai instance's) the instance's own."""
     if config.comfyui_token or not config.comfyui_url:
         return config.comfyui_token
-    instance = instance_for_url(config.comfyui_url)
+    instance = instance_for_url(config.comfyui_url, config)
     return instance.web_password if instance is not None else ""
 
 

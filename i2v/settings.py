@@ -130,6 +130,8 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": DATA_DIR / "db.sqlite3",
+            # Kept between a worker's tasks (django-q2 closes expired ones before each task).
+            "CONN_MAX_AGE": 60,
             "OPTIONS": {
                 # The web process and the worker write at the same time.
                 "transaction_mode": "IMMEDIATE",

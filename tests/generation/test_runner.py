@@ -429,7 +429,7 @@ def test_comfyui_hiccup_mid_run_does_not_fail_a_long_job(configured, user, monke
     # The job has been running a long time when the tunnel drops for a moment.
     VideoJob.objects.filter(pk=job.pk).update(status_changed_at=timezone.now() - timedelta(hours=1))
     comfy.hang_paths = {"*"}
-    monkeypatch.setattr(runner, "client_for", lambda j: runner.ComfyUIClient(
+    monkeypatch.setattr(runner, "client_for", lambda j, target=None: runner.ComfyUIClient(
         j.comfyui_url, connect_timeout=0.5, read_timeout=0.5, retries=0))
     assert runner.advance(job.id, deadline=time.monotonic() + 2) is False
     job.refresh_from_db()
