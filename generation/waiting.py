@@ -3,15 +3,21 @@
 
 Every job write that a job's answer shows announces the job's id after its transaction commits
 (`announce`): on Redis's pub/sub channel with `REDIS_URL`, else with PostgreSQL's NOTIFY, and on
-SQLite (one machine) not at all. A waiting request is a coroutine on the web process's event
-loop (ASGI): it reads the job, then sleeps on an asyncio.Event that the process's one listener
-(`_Hub`) sets when the job's id is announced, or, where nothing announces, when its one query
-every SQLITE_POLL seconds for all the jobs waited on sees one change.
+SQLite (one machine by design) with a datagram to each web process's local socket, saying only
+that some job changed. A waiting request is a coroutine on the web process's event loop (ASGI):
+it reads the job, then sleeps on an asyncio.Event that the process's one listener (`_Hub`) sets
+when the job's id is announced, or, on SQLite, when the one query it makes on each datagram for
+all the jobs waited on sees that job change (where local sockets are unavailable, that query runs
+every SQLITE_POLL seconds instead).
 A wake-up that gets lost costs at most FALLBACK_POLL seconds, never a wrong answer: every wake
 re-reads the job."""
 
 import asyncio
+import hashlib
+import itertools
 import logging
+import os
+import socket
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +34,7 @@ FALLBACK_POLL = 1.0  # seconds between re-reads when announcements arrive
 SQLITE_POLL = 0.05  # seconds between re-reads when nothing announces (SQLite)
 MAX_WAIT = 60
 LISTEN_TIMEOUT = 2.0  # seconds a waiter waits for the listener to be subscribed
+LINGER = 10.0  # seconds the listener stays subscribed after its last waiter left
 
 
 def _announcer() -> str:
@@ -35,11 +42,75 @@ def _announcer() -> str:
         return "redis"
     if connection.vendor == "postgresql":
         return "postgresql"
+    if hasattr(socket, "AF_UNIX"):
+        return "local"
     return ""
 
 
 def announcing() -> bool:
     return bool(_announcer())
+
+
+def announces_ids() -> bool:
+    """Whether announcements name the jobs (the local datagram says only that some job changed)."""
+    return _announcer() in ("redis", "postgresql")
+
+
+class _LocalWake:
+    """SQLite's announcements. Each web process's listener binds an abstract-namespace datagram
+    socket (gone with its process) and lists its name in a folder of the data dir; a job write
+    sends every listed socket a byte after it commits. Hand-written: the processes share nothing
+    else (no Redis, no PostgreSQL), and a local socket is the one wake-up they all can reach."""
+
+    _names = itertools.count()
+
+    @staticmethod
+    def _key() -> str:
+        return hashlib.sha256(str(connection.settings_dict.get("NAME")).encode()).hexdigest()[:16]
+
+    @classmethod
+    def folder(cls):
+        return settings.DATA_DIR / "waiters" / cls._key()
+
+    @classmethod
+    def _address(cls, name: str) -> str:
+        return f"\0i2v-w-{cls._key()}-{name}"
+
+    @classmethod
+    def bind(cls):
+        """(socket, its entry in the folder), or None where abstract sockets do not exist (not Linux)."""
+        name = f"{os.getpid()}-{next(cls._names)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(cls._address(name))
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        folder = cls.folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = folder / name
+        entry.touch()
+        return sock, entry
+
+    @classmethod
+    def send(cls) -> None:
+        try:
+            names = os.listdir(cls.folder())
+        except OSError:
+            return  # no web process listens
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            for name in names:
+                try:
+                    sock.sendto(b"1", cls._address(name))
+                except ConnectionRefusedError:  # its process is gone
+                    try:
+                        os.unlink(cls.folder() / name)
+                    except OSError:
+                        pass
+                except OSError:  # its queue is full: it has a wake-up pending already
+                    pass
 
 
 def _states(job_ids) -> dict:
@@ -58,6 +129,9 @@ _publisher = None
 def announce(*job_ids) -> None:
     """Tell waiting requests these jobs changed, once the current transaction commits."""
     kind = _announcer()
+    if kind == "local":
+        transaction.on_commit(_LocalWake.send)
+        return
     if not kind or not job_ids:
         return
     ids = [str(i) for i in job_ids]
@@ -89,6 +163,7 @@ class _Hub:
         self.kind = kind
         self.waiters = defaultdict(set)
         self.task = None
+        self.linger = None
         self.listening = asyncio.Event()
         # The listener's own thread for the database: not a request's (a request's thread goes
         # away with the request, and the listener outlives any one of them).
@@ -117,7 +192,14 @@ class _Hub:
         if not self.waiters[key]:
             del self.waiters[key]
         if not self.waiters and self.task is not None:
-            # Nobody waits: the listener stops and closes its connection (the next wait starts one).
+            # Nobody waits: the listener stops and closes its connection after LINGER seconds
+            # unless a wait comes first (a script's next ?wait= usually does, at once).
+            if self.linger is not None:
+                self.linger.cancel()
+            self.linger = asyncio.get_running_loop().call_later(LINGER, self._stop_if_idle)
+
+    def _stop_if_idle(self):
+        if not self.waiters and self.task is not None:
             task, self.task = self.task, None
             task.cancel()
 
@@ -137,28 +219,44 @@ class _Hub:
                 elif self.kind == "postgresql":
                     await self._listen_postgresql()
                 else:
-                    await self._poll()
+                    await self._poll(_LocalWake.bind() if self.kind == "local" else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener must outlive a broken connection
                 log.warning("job announcements unavailable (%s); waiters poll", exc)
                 await asyncio.sleep(FALLBACK_POLL)
 
-    async def _poll(self):
-        """Where nothing announces (SQLite, one machine): one query for every watched job."""
+    async def _poll(self, bound=None):
+        """SQLite: one query for every watched job on each local datagram (`bound`: the socket and
+        its folder entry), else every SQLITE_POLL seconds. A job first seen here wakes its waiters
+        (they re-read it once): the change may be what brought the datagram."""
         last = {}
+        loop = asyncio.get_running_loop()
         self.listening.set()
-        while True:
-            ids = list(self.waiters)
-            if ids:
-                states = await self._in_thread(_states, ids)
-                for job_id, state in states.items():
-                    if job_id in last and last[job_id] != state:
-                        self._wake(job_id)
-                last = {job_id: states[job_id] for job_id in ids if job_id in states}
-            else:
-                last = {}
-            await asyncio.sleep(SQLITE_POLL)
+        try:
+            while True:
+                ids = list(self.waiters)
+                if ids:
+                    states = await self._in_thread(_states, ids)
+                    for job_id, state in states.items():
+                        if last.get(job_id) != state:
+                            self._wake(job_id)
+                    if len(last) > 10_000:  # forget jobs nobody waits for now
+                        last = {job_id: last[job_id] for job_id in self.waiters if job_id in last}
+                    last.update(states)
+                if bound is None:
+                    await asyncio.sleep(SQLITE_POLL)
+                    continue
+                try:
+                    await asyncio.wait_for(loop.sock_recv(bound[0], 64), FALLBACK_POLL)
+                    while bound[0].recv(64):  # drain: one query serves every datagram so far
+                        pass
+                except (TimeoutError, BlockingIOError):
+                    pass
+        finally:
+            if bound is not None:
+                bound[0].close()
+                bound[1].unlink(missing_ok=True)
 
     async def _listen_redis(self):
         client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
@@ -188,6 +286,8 @@ def _hub():
     kind = _announcer() or "poll"
     loop = asyncio.get_running_loop()
     if loop not in _hubs:
+        for closed in [other for other in _hubs if other.is_closed()]:  # e.g. async_to_sync's loops
+            _hubs.pop(closed).executor.shutdown(wait=False)
         _hubs[loop] = _Hub(kind)
     return _hubs[loop]
 
@@ -203,10 +303,10 @@ async def wait_for_change(job_id, read, seen, timeout: float):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(max(timeout, 0.0), MAX_WAIT)
     hub = _hub()
-    current = seen
-    while True:
-        event = await hub.watch(job_id)
-        try:
+    event = await hub.watch(job_id)
+    try:
+        while True:
+            event.clear()  # before the read: a change after it sets the event again
             current = await sync_to_async(read)()
             if current != seen:
                 return current
@@ -217,5 +317,5 @@ async def wait_for_change(job_id, read, seen, timeout: float):
                 await asyncio.wait_for(event.wait(), min(remaining, FALLBACK_POLL))
             except TimeoutError:
                 pass
-        finally:
-            await hub.unwatch(job_id, event)
+    finally:
+        await hub.unwatch(job_id, event)

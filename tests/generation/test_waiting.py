@@ -45,7 +45,11 @@ def in_thread(fn):
     return thread, out
 
 
-def test_wait_answers_as_soon_as_the_job_changes(api, user, requeued):  # noqa: F811
+def test_wait_answers_as_soon_as_the_job_changes(api, user, requeued, monkeypatch):  # noqa: F811
+    # Only the announcement can wake it: no re-read on a clock comes before the wait runs out
+    # (on SQLite too: the web process's local socket gets a datagram, nothing polls).
+    monkeypatch.setattr(waiting, "FALLBACK_POLL", 60.0)
+    monkeypatch.setattr(waiting, "SQLITE_POLL", 60.0)
     job = make_job(user, place=False)
     waiter, out = in_thread(lambda: api.get(f"/api/jobs/{job.id}?wait=30"))
     while waiting.waiting_now() == 0 and waiter.is_alive():  # until the request waits
@@ -56,6 +60,23 @@ def test_wait_answers_as_soon_as_the_job_changes(api, user, requeued):  # noqa: 
     body = out["value"].json()
     assert out["value"].status_code == 200 and body["status"] == "running" and body["step"] == 1
     assert out["took"] < 20  # woken by the change, long before the 30 s wait ran out
+
+
+@pytest.mark.parametrize("write", [
+    lambda job: VideoJob.objects.filter(pk=job.id.hex, status=S.QUEUED).update(note="Waiting for a GPU."),
+    lambda job: VideoJob.objects.filter(pk__in=[str(job.id)]).update(note="Waiting for a GPU."),
+    lambda job: VideoJob.objects.filter(owner=job.owner).update(note="Waiting for a GPU."),
+], ids=["pk as hex", "pk__in", "by owner"])
+def test_a_write_however_it_names_the_job_wakes_its_waiter(api, user, requeued, monkeypatch, write):  # noqa: F811
+    monkeypatch.setattr(waiting, "FALLBACK_POLL", 60.0)
+    monkeypatch.setattr(waiting, "SQLITE_POLL", 60.0)
+    job = make_job(user, place=False)
+    waiter, out = in_thread(lambda: api.get(f"/api/jobs/{job.id}?wait=30"))
+    while waiting.waiting_now() == 0 and waiter.is_alive():
+        threading.Event().wait(0.01)
+    assert write(job) == 1
+    waiter.join(timeout=30)
+    assert out["value"].json()["note"] == "Waiting for a GPU." and out["took"] < 20
 
 
 def test_wait_runs_out_with_the_job_as_it_is(api, user, requeued):  # noqa: F811
