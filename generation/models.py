@@ -317,6 +317,7 @@ class SchedulerState(models.Model):
     """One row: the lock every scheduling pass takes, and what the last pass saw."""
 
     last_pass_at = models.DateTimeField(null=True, blank=True)
+    passes = models.PositiveBigIntegerField(default=0, help_text="Passes so far (lets a pass asked for twice run once)")
     pass_ms = models.FloatField(default=0.0)
     ticker_until = models.DateTimeField(null=True, blank=True, help_text="A worker passes every few seconds until then")
     summary = models.JSONField(default=dict, blank=True)

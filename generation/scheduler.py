@@ -105,6 +105,10 @@ class Estimator:
     def __init__(self, stats: dict, default: float):
         self.stats = stats
         self.default = default
+        seen = defaultdict(list)
+        for (*kind, _gpu_class), seconds in stats.items():
+            seen[tuple(kind)].append(seconds)
+        self.typical = {kind: sum(runs) / len(runs) for kind, runs in seen.items()}
 
     @classmethod
     def load(cls, default: float) -> "Estimator":
@@ -113,7 +117,10 @@ class Estimator:
         return cls(stats, default)
 
     def __call__(self, kind: tuple, gpu_class: str) -> float:
-        return self.stats.get((*kind, gpu_class)) or self.default
+        """A class of GPU that has not run this kind yet is taken for the average of those that
+        have (a GPU just added is not assumed to be slow, or every job would queue on the known
+        one); with no history at all, the configured default."""
+        return self.stats.get((*kind, gpu_class)) or self.typical.get(tuple(kind)) or self.default
 
 
 def fair_order(jobs_by_user: dict, start: dict, weights: dict):
@@ -408,6 +415,7 @@ class PassResult:
     waiting: int = 0
     needs_tick: bool = False  # jobs wait on something only time changes (a down URL, a booting GPU)
     ms: float = 0.0
+    skipped: bool = False  # a later pass had done it (run_pass's `seen`)
     rented: int = 0  # what carry_out did
     destroyed: int = 0
 
@@ -417,13 +425,26 @@ def _lock() -> SchedulerState:
     return SchedulerState.objects.select_for_update().get(pk=1)
 
 
-def run_pass(now: datetime | None = None) -> PassResult:
+def passes_so_far() -> int:
+    return SchedulerState.objects.filter(pk=1).values_list("passes", flat=True).first() or 0
+
+
+def run_pass(now: datetime | None = None, seen: int | None = None) -> PassResult:
     """One scheduling pass: requeue jobs whose place is gone, bind waiting jobs to free slots,
-    decide scale out and in. Safe to run from any number of workers at once."""
+    decide scale out and in. Safe to run from any number of workers at once.
+
+    `seen`: passes_so_far() read after the change this pass is for was committed. The pass is
+    skipped when, by the time it holds the lock, two more have run: the second of them began
+    after the first, which was under way at most when `seen` was read, ended, so after the
+    change, and saw it. Ten requests that each ask for a pass at once get one or two, not ten
+    in a row."""
     started = time.perf_counter()
     result = PassResult()
     with transaction.atomic():
         state = _lock()
+        if seen is not None and state.passes >= seen + 2:
+            result.skipped = True
+            return result
         clocks = Clocks(state.summary.get("clocks"))
         now = now or timezone.now()
         config = GpuConfig.get()
@@ -494,10 +515,11 @@ def run_pass(now: datetime | None = None) -> PassResult:
         result.needs_tick = bool(result.waiting - len(result.bound)) and (booting or down or result.rent > 0)
         result.ms = (time.perf_counter() - started) * 1000
         state.last_pass_at = now
+        state.passes += 1
         state.pass_ms = result.ms
         state.summary = {**_summary(sims, free_at, estimate, rows, now_s),
                          "clocks": clocks.dump(set(counts) | set(running))}
-        state.save(update_fields=["last_pass_at", "pass_ms", "summary"])
+        state.save(update_fields=["last_pass_at", "passes", "pass_ms", "summary"])
     return result
 
 
@@ -802,9 +824,10 @@ def boot_failures_exhausted(since: datetime) -> VastInstance | None:
 
 
 def place_now() -> PassResult:
-    """A pass right here (binding is quick); renting, destroying and waiting on the clock are
-    left to a `schedule` task, so a request or a job's worker is not held by them."""
-    result = run_pass()
+    """A pass right here (binding is quick) for what the caller just committed, unless another
+    pass saw it meanwhile; renting, destroying and waiting on the clock are left to a `schedule`
+    task, so a request or a job's worker is not held by them."""
+    result = run_pass(seen=passes_so_far())
     if result.rent or result.destroy or result.needs_tick:
         q_tasks.async_task("generation.tasks.schedule", group="jobs")
     return result

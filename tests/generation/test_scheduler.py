@@ -61,9 +61,12 @@ def test_placements_take_turns_whoever_freed_the_slot():
 
 
 def test_estimator_prefers_learned_run_times_and_falls_back_to_the_default():
-    estimate = Estimator({("smoke", 64, 64, 17, "RTX 4090"): 12.5}, default=300)
+    estimate = Estimator({("smoke", 64, 64, 17, "RTX 4090"): 12.5, ("smoke", 64, 64, 17, "RTX 5090"): 7.5,
+                          ("wan", 480, 832, 81, "RTX 4090"): 200}, default=300)
     assert estimate(("smoke", 64, 64, 17), "RTX 4090") == 12.5
-    assert estimate(("smoke", 64, 64, 17), "RTX 3090") == 300
+    # A GPU that never ran this kind: as the others did on average, not the default.
+    assert estimate(("smoke", 64, 64, 17), "RTX 3090") == 10.0
+    assert estimate(("wan", 480, 832, 49), "RTX 4090") == 300  # a kind nobody ran yet
 
 
 # ---------------------------------------------------------------------- placing jobs (database)
@@ -117,6 +120,15 @@ def test_jobs_spread_over_every_configured_comfyui(one_gpu, user):
             assert run_to_end(job).status == S.COMPLETED
         assert len(one_gpu.prompt_posts) == 2 and len(second.prompt_posts) == 2
         assert max(one_gpu.max_queued, second.max_queued) <= 2
+
+
+def test_a_gpu_added_later_takes_jobs_at_once_though_it_has_no_history(one_gpu, user):
+    run_to_end(make_job(user))  # the configured GPU's run time is known now
+    with ComfyUIDouble() as second:
+        server = ComfyUIServer.objects.create(name="new", url=second.url)
+        jobs = [make_job(user) for _ in range(2)]
+        # Not both on the known GPU (one running, one in its queue) while the new one idles.
+        assert sorted(_state(jobs)) == ["config", f"server:{server.pk}"]
 
 
 def test_another_users_job_goes_before_the_first_users_backlog(one_gpu, user, other_user):
@@ -221,6 +233,26 @@ def test_parallel_passes_never_bind_one_slot_twice(one_gpu, user):
         t.join()
     assert errors == []
     assert VideoJob.objects.filter(place="config").count() == 3 and _state(jobs).count("config") == 3
+
+
+def test_jobs_arriving_together_are_all_placed_by_two_passes_not_ten(one_gpu, user):
+    """Ten requests commit their jobs at once, then each asks for a pass: the first two passes
+    run (the first places every job) and the other eight see that and skip theirs."""
+    GpuConfig.objects.filter(pk=1).update(slots_per_gpu=10)
+    UserQuota.objects.create(user=user, max_running=20)
+    jobs = [make_job(user, place=False) for _ in range(10)]
+    seen = scheduler.passes_so_far()  # what each request reads once its job is committed
+    results = [scheduler.run_pass(seen=seen) for _ in jobs]
+    assert _state(jobs) == ["config"] * 10 and len(results[0].bound) == 10
+    assert [r.skipped for r in results] == [False, False] + [True] * 8
+
+
+def test_a_pass_is_skipped_only_once_a_later_one_has_seen_the_change(one_gpu, user):
+    seen = scheduler.passes_so_far()
+    scheduler.run_pass()  # may have begun before the change: does not count
+    job = make_job(user, place=False)
+    assert not scheduler.run_pass(seen=seen).skipped and _state([job]) == ["config"]
+    assert scheduler.run_pass(seen=seen).skipped
 
 
 def test_no_gpu_configured_fails_waiting_jobs_with_what_to_set(requeued, user):  # noqa: F811
