@@ -3,9 +3,13 @@
     .venv/bin/python bench/bench_dispatch.py               # 20 in a row and 10 at once, each setup
     .venv/bin/python bench/bench_dispatch.py --jobs 5      # a quick run
 
-The ComfyUI double runs every prompt for a fixed `--run` seconds. Overhead of a job = the time
-from the client's `POST /api/generate-video` to the client seeing it completed, minus ComfyUI's
-own execution (its history's execution_start → execution_success). Setups, all in one run:
+The ComfyUI doubles run every prompt for a fixed `--run` seconds, one at a time each, as ComfyUI
+does. Overhead of a job = the time from the client's `POST /api/generate-video` to the client
+seeing it completed, minus ComfyUI's own execution (its history's execution_start →
+execution_success). "In a row" sends one job after another; "at once" sends `--concurrent` jobs
+together to as many GPUs (the configured URL plus ComfyUI servers added in the admin; the raw
+client sends job i to GPU i), so that what is measured is dispatch, not the jobs queueing for one
+GPU. Setups, all in one run:
 
 - i2v on SQLite + the ORM broker (`make run`'s defaults), the client waiting with
   `GET /api/jobs/{id}?wait=60`;
@@ -20,6 +24,7 @@ them; the database `i2v_bench_dispatch` is dropped and created afresh.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -59,8 +64,14 @@ def sh(*cmd, env=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
 
-def execution_seconds(comfy_url, prompt_id) -> float:
-    item = httpx.get(f"{comfy_url}/history/{prompt_id}", timeout=10).json()[prompt_id]
+def execution_seconds(comfy_urls, prompt_id) -> float:
+    """ComfyUI's own execution of the prompt, from the history of whichever GPU ran it."""
+    for url in comfy_urls:
+        item = httpx.get(f"{url}/history/{prompt_id}", timeout=10).json().get(prompt_id)
+        if item is not None:
+            break
+    else:
+        raise AssertionError(f"no GPU ran prompt {prompt_id}")
     stamps = {name: data.get("timestamp") for name, data in item["status"]["messages"]}
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000
 
@@ -68,8 +79,8 @@ def execution_seconds(comfy_url, prompt_id) -> float:
 class App:
     """`make run`'s stack (gunicorn with ASGI workers + qcluster via `manage.py runall`)."""
 
-    def __init__(self, comfy_url, postgres_redis: bool):
-        port = free_port()
+    def __init__(self, comfy_urls, postgres_redis: bool):
+        self.port = port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
         env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": tempfile.mkdtemp(prefix="i2v-disp-"),
                     "HOST": "127.0.0.1", "PORT": str(port), "I2V_Q_NAME": f"i2v-disp-{port}", "I2V_WORKERS": "12",
@@ -83,9 +94,21 @@ class App:
         sh(py, "manage.py", "migrate", "--noinput", env=env)
         sh(py, "manage.py", "collectstatic", "--noinput", "-v", "0", env=env)
         self.token = sh(py, "manage.py", "bootstrap", env=env).stdout.split("API token:")[1].split()[0]
+        # The other GPUs, as an operator adds them in the admin (ComfyUI servers).
+        sh(py, "manage.py", "shell", "-c", "import os; from gpu.models import ComfyUIServer; "
+           "[ComfyUIServer.objects.create(name=f'gpu{n}', url=url) for n, url in "
+           "enumerate(os.environ['BENCH_GPUS'].split(), 1)]", env={**env, "BENCH_GPUS": " ".join(comfy_urls[1:])})
+        self.comfy_urls, self.env = comfy_urls, env
         self.proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, start_new_session=True,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{port}"
+        try:
+            self._configure(comfy_urls[0])
+        except BaseException:
+            self.stop()
+            raise
+
+    def _configure(self, comfy_url):
+        self.base = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {self.token}"}
         end = time.monotonic() + 60
         while True:
@@ -107,7 +130,7 @@ class App:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
-    def job(self, comfy_url, prefer=False) -> float:
+    def job(self, prefer=False) -> float:
         """One job through the API; its overhead in seconds."""
         with httpx.Client(base_url=f"{self.base}/api", headers=self.headers, timeout=90) as api:
             headers = {"Prefer": "wait=60"} if prefer else {}
@@ -119,7 +142,7 @@ class App:
                 body = api.get(f"/jobs/{body['id']}", params={"wait": 60}).json()
             took = time.perf_counter() - t0
         assert body["status"] == "completed", body
-        return took - execution_seconds(comfy_url, body["prompt_id"])
+        return took - execution_seconds(self.comfy_urls, body["prompt_id"])
 
 
 def raw_job(comfy_url) -> float:
@@ -152,20 +175,13 @@ def raw_job(comfy_url) -> float:
             for _ in view.iter_bytes():
                 pass
         took = time.perf_counter() - t0
-    return took - execution_seconds(comfy_url, prompt_id)
+    return took - execution_seconds([comfy_url], prompt_id)
 
 
-def figures(name, overheads):
+def figures(overheads):
+    """(median, p90) in ms."""
     ms = sorted(1000 * o for o in overheads)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return name, statistics.median(ms), p90
-
-
-def run_set(label, one, jobs, concurrent):
-    in_a_row = [one() for _ in range(jobs)]
-    with ThreadPoolExecutor(concurrent) as pool:
-        at_once = list(pool.map(lambda _: one(), range(concurrent)))
-    return [figures(f"{label}, {jobs} in a row", in_a_row), figures(f"{label}, {concurrent} at once", at_once)]
+    return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
 
 
 def main():
@@ -174,25 +190,38 @@ def main():
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--run", type=float, default=0.5, help="seconds ComfyUI executes each prompt")
     args = parser.parse_args()
-    rows = []
-    with ComfyUIDouble(run_seconds=args.run) as comfy:
-        rows += run_set("raw client (floor)", lambda: raw_job(comfy.url), args.jobs, args.concurrent)
-        for label, pg in (("i2v, SQLite + ORM broker", False), ("i2v, PostgreSQL + Redis", True)):
-            app = App(comfy.url, postgres_redis=pg)
-            try:
-                app.job(comfy.url)  # warm-up: first requests import code and open connections
-                rows += run_set(label, lambda: app.job(comfy.url), args.jobs, args.concurrent)
-                if pg:
-                    rows += run_set(f"{label}, Prefer: wait", lambda: app.job(comfy.url, prefer=True),
-                                    args.jobs, args.concurrent)
-            finally:
-                app.stop()
-    floor = {name.split(", ")[-1]: median for name, median, _ in rows if name.startswith("raw")}
-    print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms:")
-    print(f"{'setup':<52} {'median':>8} {'p90':>8} {'× floor':>8}")
-    for name, median, p90 in rows:
-        ratio = median / floor[name.split(", ")[-1]] if floor.get(name.split(", ")[-1]) else float("nan")
-        print(f"{name:<52} {median:8.1f} {p90:8.1f} {ratio:8.2f}")
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(ComfyUIDouble(run_seconds=args.run)).url for _ in range(args.concurrent)]
+        sqlite = App(urls, postgres_redis=False)
+        stack.callback(sqlite.stop)
+        pg = App(urls, postgres_redis=True)
+        stack.callback(pg.stop)
+        for app in (sqlite, pg):
+            app.job()  # warm-up: a web process's first request imports code and opens connections
+        setups = {  # one(i): one job's overhead; job i of a batch at once may use GPU i
+            "raw client (floor)": lambda i: raw_job(urls[i]),
+            "i2v, SQLite + ORM broker": lambda i: sqlite.job(),
+            "i2v, PostgreSQL + Redis": lambda i: pg.job(),
+            "i2v, PostgreSQL + Redis, Prefer: wait": lambda i: pg.job(prefer=True),
+        }
+        # Interleaved, so that every setup meets the machine in the same state (the floor included).
+        in_a_row = {name: [] for name in setups}
+        for _ in range(args.jobs):
+            for name, one in setups.items():
+                in_a_row[name].append(one(0))
+        at_once = {name: [] for name in setups}
+        with ThreadPoolExecutor(args.concurrent) as pool:
+            for _ in range(2):
+                for name, one in setups.items():
+                    at_once[name] += list(pool.map(one, range(args.concurrent)))
+    print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms; {args.jobs} jobs in a row, "
+          f"and {args.concurrent} at once on {args.concurrent} GPUs (twice), each setup in turn:")
+    print(f"{'setup':<40} {'in a row: median':>17} {'p90':>7} {'× floor':>8} {'at once: median':>16} {'p90':>7} "
+          f"{'× floor':>8}")
+    floor_row, floor_once = figures(in_a_row["raw client (floor)"]), figures(at_once["raw client (floor)"])
+    for name in setups:
+        (m1, p1), (m2, p2) = figures(in_a_row[name]), figures(at_once[name])
+        print(f"{name:<40} {m1:17.1f} {p1:7.1f} {m1 / floor_row[0]:8.2f} {m2:16.1f} {p2:7.1f} {m2 / floor_once[0]:8.2f}")
 
 
 if __name__ == "__main__":
