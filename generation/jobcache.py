@@ -61,9 +61,10 @@ def forget(*job_ids):
     if not enabled() or not job_ids:
         return
     keys = [f"{PREFIX}{job_id}" for job_id in job_ids]
-    _delete(keys)
-    # A reader in between may have stored the row as it was before this transaction commits.
-    transaction.on_commit(lambda: _delete(keys))
+    if transaction.get_connection().in_atomic_block:
+        _delete(keys)
+        # A reader in between may have stored the row as it was before this transaction commits.
+    transaction.on_commit(lambda: _delete(keys))  # at once outside a transaction
 
 
 def shows(fields):

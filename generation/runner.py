@@ -28,7 +28,7 @@ from django.core.files.storage import default_storage
 from django.db.models import F
 from django.utils import timezone
 
-from generation import failures, progress as progress_model, scheduler
+from generation import failures, jobcache, progress as progress_model, scheduler, waiting
 from generation.models import VideoJob
 from generation.workflow_schema import fill
 from gpu import capacity
@@ -91,6 +91,8 @@ def warm() -> None:
     Django's model metadata and query paths ready before its first job."""
     VideoJob.objects.select_related("workflow", "instance").filter(pk=uuid.UUID(int=0)).first()
     capacity.resolve(capacity.CONFIG)
+    jobcache.get(uuid.UUID(int=0))  # the shared cache's connection (Redis), when it is on
+    waiting.warm()
     mimetypes.init()  # the upload names the image's type: reading the system's type lists takes ms
 
 

@@ -421,8 +421,11 @@ class PassResult:
 
 
 def _lock() -> SchedulerState:
-    SchedulerState.objects.get_or_create(pk=1)
-    return SchedulerState.objects.select_for_update().get(pk=1)
+    state = SchedulerState.objects.select_for_update().filter(pk=1).first()
+    if state is None:  # the first pass ever (a concurrent one may create the row first)
+        SchedulerState.objects.get_or_create(pk=1)
+        state = SchedulerState.objects.select_for_update().get(pk=1)
+    return state
 
 
 def passes_so_far() -> int:

@@ -126,6 +126,17 @@ def _states(job_ids) -> dict:
 _publisher = None
 
 
+def warm() -> None:
+    """Connect the announcer now (a worker process about to start, not its first job, pays)."""
+    global _publisher
+    if _announcer() == "redis" and _publisher is None:
+        try:
+            _publisher = redis.Redis.from_url(settings.REDIS_URL)
+            _publisher.ping()
+        except redis.RedisError as exc:
+            log.warning("could not reach Redis for job announcements: %s", exc)
+
+
 def announce(*job_ids) -> None:
     """Tell waiting requests these jobs changed, once the current transaction commits."""
     kind = _announcer()

@@ -84,10 +84,11 @@ def expected_boot_seconds(config: GpuConfig | None = None) -> float:
     return sum(took) / len(took) if took else float(config.default_boot_seconds)
 
 
-def _config_place(config) -> Place | None:
+def _config_place(config, live: list[VastInstance] | None = None) -> Place | None:
+    """`live`: the live instances when the caller has them (else they are asked for)."""
     if not config.comfyui_url:
         return None
-    instance = instance_for_url(config.comfyui_url, config)
+    instance = instance_for_url(config.comfyui_url, config, live)
     if instance is not None:
         # A vast.ai instance's URL (one the user rented and named): one place, its busy time, its price.
         return Place(CONFIG, config.comfyui_url, config.comfyui_token or instance.web_password, config.slots_per_gpu,
@@ -116,11 +117,12 @@ def places(config: GpuConfig | None = None, now=None) -> list[Place]:
     config = config or GpuConfig.get()
     now = now or timezone.now()
     found = []
-    if (place := _config_place(config)) is not None:
+    live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE))
+    if (place := _config_place(config, live)) is not None:
         found.append(place)
     found += [_server_place(s, config) for s in ComfyUIServer.objects.filter(enabled=True)]
     # An instance behind the configured URL is that place already, not a second one.
-    live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE).exclude(pk=place.instance_id if place else None))
+    live = [i for i in live if not place or i.pk != place.instance_id]
     if live:
         boot = expected_boot_seconds(config)
         found += [_instance_place(i, config, boot) for i in live]

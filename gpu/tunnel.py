@@ -35,18 +35,24 @@ def same_url(a: str, b: str) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
 
 
-def instance_for_url(url: str, config: GpuConfig | None = None) -> VastInstance | None:
+def instance_for_url(url: str, config: GpuConfig | None = None, live: list[VastInstance] | None = None
+                     ) -> VastInstance | None:
     """The live instance whose ComfyUI is at `url` (its direct port or its tunnel), if any.
-    `config`: the GPU configuration when the caller has just read it."""
+    `config`, `live`: the GPU configuration and the live instances when the caller has just read them."""
     if not url:
         return None
     url = url.rstrip("/")
-    found = VastInstance.objects.filter(state__in=VastInstance.LIVE).filter(
-        Q(comfyui_url=url) | Q(comfyui_url=url + "/")).order_by("-created_at").first()
+    if live is None:
+        found = VastInstance.objects.filter(state__in=VastInstance.LIVE).filter(
+            Q(comfyui_url=url) | Q(comfyui_url=url + "/")).order_by("-created_at").first()
+    else:
+        found = max((i for i in live if i.comfyui_url in (url, url + "/")), key=lambda i: i.created_at, default=None)
     if found is not None:
         return found
     config = config or GpuConfig.get()
     if config.vastai_instance_id and same_url(config.comfyui_url, url):
+        if live is not None:
+            return next((i for i in live if i.vast_id == config.vastai_instance_id), None)
         return VastInstance.objects.filter(vast_id=config.vastai_instance_id, state__in=VastInstance.LIVE).first()
     return None
 

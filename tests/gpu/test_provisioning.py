@@ -570,7 +570,7 @@ def test_tasks_do_nothing_without_an_api_key(settings, db):
 
 
 def test_calls_to_one_vast_endpoint_are_spaced_by_its_interval_across_clients(policy, vast, settings):
-    settings.VASTAI_PACE_SCALE = 0.05  # show: 2 s apart at vast.ai, 0.1 s here
+    settings.VASTAI_PACE_SCALE = 0.25  # show: 2 s apart at vast.ai, 0.5 s here
     instance = rent()
     first, second = lifecycle.vast_client(), lifecycle.vast_client()  # they share nothing but the database
 
@@ -578,7 +578,9 @@ def test_calls_to_one_vast_endpoint_are_spaced_by_its_interval_across_clients(po
         client.show_instance(instance.vast_id)
 
     times = [r.at for r in vast.requests_to("GET", "/instances/*")]
-    assert len(times) == 4 and min(b - a for a, b in zip(times, times[1:])) >= 0.1 * 0.95
+    # Measured where the requests arrive: allow 50 ms for one of them to be delivered late (a
+    # loaded machine); unspaced, they would arrive within a few ms of each other.
+    assert len(times) == 4 and min(b - a for a, b in zip(times, times[1:])) >= 0.5 - 0.05
     assert ApiPace.objects.get(endpoint="show").next_at > 0
     first.close()
     second.close()
