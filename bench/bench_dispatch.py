@@ -26,13 +26,8 @@ them; the database `i2v_bench_dispatch` is dropped and created afresh.
 import argparse
 import contextlib
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,24 +39,12 @@ from websockets.sync.client import connect as ws_connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _app  # noqa: E402  (bench/, beside this file)
 from tests.doubles.comfyui import ComfyUIDouble  # noqa: E402
 from tests.helpers import png_bytes  # noqa: E402
 
-PG = "postgres://postgres@127.0.0.1:5432"
 DB = "i2v_bench_dispatch"
 IMAGE = png_bytes()
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(*cmd, env=None):
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
 
 
 def execution_seconds(comfy_urls, prompt_id) -> float:
@@ -76,59 +59,28 @@ def execution_seconds(comfy_urls, prompt_id) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000
 
 
-class App:
-    """`make run`'s stack (gunicorn with ASGI workers + qcluster via `manage.py runall`)."""
+class App(_app.App):
+    """`make run`'s stack on SQLite + the ORM broker, or on PostgreSQL + Redis, with the ComfyUI
+    doubles as its GPUs: the first the configured URL, the others ComfyUI servers."""
 
     def __init__(self, comfy_urls, postgres_redis: bool):
-        self.port = port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
-        env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": tempfile.mkdtemp(prefix="i2v-disp-"),
-                    "HOST": "127.0.0.1", "PORT": str(port), "I2V_Q_NAME": f"i2v-disp-{port}", "I2V_WORKERS": "12",
-                    "WEB_CONCURRENCY": "2", "I2V_MAX_WAITING": "1000", "I2V_MAX_RUNNING": "1000",
-                    "I2V_RATE_GENERATE": "100000/m", "I2V_LOG_LEVEL": "WARNING"})
-        if postgres_redis:
-            sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", DB)
-            sh("createdb", "-h", "127.0.0.1", "-U", "postgres", DB)
-            env.update({"DATABASE_URL": f"{PG}/{DB}", "REDIS_URL": "redis://127.0.0.1:6379/4"})
-        py = sys.executable
-        sh(py, "manage.py", "migrate", "--noinput", env=env)
-        sh(py, "manage.py", "collectstatic", "--noinput", "-v", "0", env=env)
-        self.token = sh(py, "manage.py", "bootstrap", env=env).stdout.split("API token:")[1].split()[0]
+        super().__init__({"I2V_WORKERS": "12", "WEB_CONCURRENCY": "2", "I2V_MAX_WAITING": "1000",
+                          "I2V_MAX_RUNNING": "1000", "I2V_RATE_GENERATE": "100000/m", "I2V_LOG_LEVEL": "WARNING"},
+                         database=DB if postgres_redis else None, redis_db=4 if postgres_redis else None,
+                         data_prefix="i2v-disp-")
+        self.comfy_urls = comfy_urls
         # The other GPUs, as an operator adds them in the admin (ComfyUI servers).
-        sh(py, "manage.py", "shell", "-c", "import os; from gpu.models import ComfyUIServer; "
-           "[ComfyUIServer.objects.create(name=f'gpu{n}', url=url) for n, url in "
-           "enumerate(os.environ['BENCH_GPUS'].split(), 1)]", env={**env, "BENCH_GPUS": " ".join(comfy_urls[1:])})
-        self.comfy_urls, self.env = comfy_urls, env
-        self.proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.manage("shell", "-c", "import os; from gpu.models import ComfyUIServer; "
+                    "[ComfyUIServer.objects.create(name=f'gpu{n}', url=url) for n, url in "
+                    "enumerate(os.environ['BENCH_GPUS'].split(), 1)]", env={"BENCH_GPUS": " ".join(comfy_urls[1:])})
+        self.start()
         try:
-            self._configure(comfy_urls[0])
+            resp = httpx.post(f"{self.base}/api/gpu/config", headers=self.headers, timeout=30,
+                              json={"comfyui_url": comfy_urls[0], "gpu_provider": "local"})
+            assert resp.status_code == 200, resp.text
         except BaseException:
             self.stop()
             raise
-
-    def _configure(self, comfy_url):
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.headers = {"Authorization": f"Bearer {self.token}"}
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/api/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > end:
-                    raise SystemExit("the app did not come up")
-                time.sleep(0.2)  # waiting for the server to start, not timing anything
-        resp = httpx.post(f"{self.base}/api/gpu/config", headers=self.headers, timeout=30,
-                          json={"comfyui_url": comfy_url, "gpu_provider": "local"})
-        assert resp.status_code == 200, resp.text
-
-    def stop(self):
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def job(self, prefer=False) -> float:
         """One job through the API; its overhead in seconds."""

@@ -34,68 +34,25 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _app  # noqa: E402  (bench/, beside this file)
 from tests.doubles.comfyui import ComfyUIDouble  # noqa: E402
 from tests.helpers import png_bytes  # noqa: E402
 
-PG = "postgres://postgres@127.0.0.1:5432"
 DB = "i2v_bench"
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(*cmd, env=None):
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-
-
 def start_app(web_concurrency, web_threads=4):
-    sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", DB)
-    sh("createdb", "-h", "127.0.0.1", "-U", "postgres", DB)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("R2_BUCKET",)}
-    env.update({
-        "DJANGO_SETTINGS_MODULE": "i2v.settings",
-        "DATABASE_URL": f"{PG}/{DB}",
-        "REDIS_URL": "redis://127.0.0.1:6379/3",  # not 0: the test suite flushes that one
-        "I2V_Q_NAME": f"i2v-bench-{port}",
-        "I2V_DATA_DIR": tempfile.mkdtemp(prefix="i2v-bench-load-"),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "WEB_CONCURRENCY": str(web_concurrency),
-        "WEB_THREADS": str(web_threads),
-        "I2V_WORKERS": "4",
-        "I2V_FOLLOW_SLICE": "5",
-    })
-    py = sys.executable
-    sh(py, "manage.py", "migrate", "--noinput", env=env)
-    sh(py, "manage.py", "collectstatic", "--noinput", "-v", "0", env=env)
-    token = sh(py, "manage.py", "bootstrap", env=env).stdout.split("API token:")[1].split()[0]
-    proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"{base}/api/ping", timeout=1).status_code == 200:
-                return proc, base, token
-        except httpx.HTTPError:
-            time.sleep(0.2)  # waiting for the server to come up, not timing anything
-    raise SystemExit("the app did not come up")
+    app = _app.App({"WEB_CONCURRENCY": str(web_concurrency), "WEB_THREADS": str(web_threads), "I2V_WORKERS": "4",
+                    "I2V_FOLLOW_SLICE": "5",
+                    # One user sends all of it: the per-user limits (30 generates a minute, 20 waiting)
+                    # would answer most of it 429.
+                    "I2V_RATE_GENERATE": "100000/m", "I2V_MAX_WAITING": "1000", "I2V_MAX_RUNNING": "1000"},
+                   database=DB, redis_db=3, data_prefix="i2v-bench-load-").start()
+    return app, app.base, app.token
 
 
-def stop_app(proc):
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def stop_app(app):
+    app.stop()
 
 
 def generate_burst(base, token):
@@ -113,7 +70,8 @@ def generate_burst(base, token):
             barrier.wait()
             t0 = time.perf_counter()
             resp = http.post(f"{base}/api/generate-video", headers=headers,
-                             data={"prompt": f"bench {i}", "workflow": "smoke"},
+                             # The two copies of a key are the same request (another body would be a 409).
+                             data={"prompt": f"bench {key or i}", "workflow": "smoke"},
                              files={"image": ("in.png", io.BytesIO(image), "image/png")})
             return key, resp.status_code, resp.json().get("id"), time.perf_counter() - t0
 

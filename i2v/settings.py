@@ -125,6 +125,15 @@ TEMPLATES = [
 # --- Database ---------------------------------------------------------------
 if env("DATABASE_URL"):
     DATABASES = {"default": dj_database_url.parse(env("DATABASE_URL"), conn_max_age=60, conn_health_checks=True)}
+    if env_bool("I2V_DB_POOL") and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # The web server (runall sets this for it): under ASGI every request in flight has a thread of
+        # its own, so a burst of requests would open a connection each, past PostgreSQL's
+        # max_connections (100 at once answered 500s). A pool per web process caps them; a request
+        # beyond it waits for a connection. Not in the worker: django-q2 forks its processes, and a
+        # pool does not survive a fork (its threads stay behind).
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections instead
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1, "max_size": env_int("I2V_DB_POOL_SIZE", 10), "timeout": 30.0}
 else:
     DATABASES = {
         "default": {

@@ -1,11 +1,14 @@
 """`make run`'s steps on a fresh data dir: first-start credentials, gunicorn + qcluster, Ctrl-C."""
 
+import collections
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -107,3 +110,56 @@ def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
     assert "Q Cluster" in out or "qcluster" in out.lower()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{base}/api/ping", timeout=2)
+
+
+@pytest.mark.slow_start
+@pytest.mark.skipif(not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="PostgreSQL only")
+def test_a_burst_of_requests_on_postgresql_waits_for_connections_instead_of_failing(tmp_path):
+    """`make run`'s web server on PostgreSQL: 100 generate requests at once each run in a thread
+    of their own; without a connection pool each opened a connection, past PostgreSQL's
+    max_connections, and some answered 500."""
+    import psycopg
+
+    from tests.helpers import png_bytes
+
+    port = free_port()
+    name = f"i2v_burst_{port}"
+    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "R2_BUCKET")}
+    env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": str(tmp_path), "PORT": str(port),
+                "HOST": "127.0.0.1", "I2V_Q_NAME": f"i2v-burst-{port}", "DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{name}",
+                "I2V_RATE_GENERATE": "100000/m", "I2V_MAX_WAITING": "1000"})
+    py = sys.executable
+    proc = None
+    try:
+        for step in (["migrate", "--noinput"], ["collectstatic", "--noinput", "-v", "0"]):
+            subprocess.run([py, "manage.py", *step], cwd=ROOT, env=env, check=True, capture_output=True)
+        first = subprocess.run([py, "manage.py", "bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        headers = {"Authorization": f"Bearer {first.stdout.split('API token:')[1].split()[0]}"}
+        proc = subprocess.Popen([py, "manage.py", "runall"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{base}/api/ping", proc)
+        image = png_bytes()
+        barrier = threading.Barrier(100)
+
+        def one(i):
+            with httpx.Client(timeout=90) as http:
+                barrier.wait()
+                return http.post(f"{base}/api/generate-video", headers=headers, data={"prompt": f"burst {i}"},
+                                 files={"image": ("in.png", image, "image/png")}).status_code
+
+        with ThreadPoolExecutor(100) as pool:
+            answers = collections.Counter(pool.map(one, range(100)))
+        assert answers == {202: 100}
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -23,7 +23,8 @@ class Command(BaseCommand):
         ]
         worker = [sys.executable, "manage.py", "qcluster"]
         self.stdout.write(f"i2v: serving on http://{host}:{port} (web + worker); Ctrl-C stops both.")
-        procs = [subprocess.Popen(web), subprocess.Popen(worker)]
+        # The web server's database connections come from a pool per process (i2v/settings.py).
+        procs = [subprocess.Popen(web, env={**os.environ, "I2V_DB_POOL": "1"}), subprocess.Popen(worker)]
         stopping = False
 
         def stop(signum=None, frame=None):
