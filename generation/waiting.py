@@ -308,6 +308,17 @@ def waiting_now() -> int:
     return sum(hub.count() for hub in _hubs.values())
 
 
+def _read_and_release(read):
+    """read(), then, when connections come from a pool (make run's web server on PostgreSQL),
+    the request's connection back to it: a request waiting a minute must not hold one meanwhile,
+    or a few waiting scripts would leave every other request waiting for a connection."""
+    try:
+        return read()
+    finally:
+        if getattr(connection, "pool", None) is not None:
+            connection.close()
+
+
 async def wait_for_change(job_id, read, seen, timeout: float):
     """Return read()'s value as soon as it differs from `seen`, or after `timeout` seconds.
     `read` is a plain (sync) function; it runs in a thread for the moment it takes."""
@@ -318,7 +329,7 @@ async def wait_for_change(job_id, read, seen, timeout: float):
     try:
         while True:
             event.clear()  # before the read: a change after it sets the event again
-            current = await sync_to_async(read)()
+            current = await sync_to_async(_read_and_release)(read)
             if current != seen:
                 return current
             remaining = deadline - loop.time()

@@ -1,6 +1,7 @@
 """`make run`'s steps on a fresh data dir: first-start credentials, gunicorn + qcluster, Ctrl-C."""
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -112,25 +113,20 @@ def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
         httpx.get(f"{base}/api/ping", timeout=2)
 
 
-@pytest.mark.slow_start
-@pytest.mark.skipif(not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="PostgreSQL only")
-def test_a_burst_of_requests_on_postgresql_waits_for_connections_instead_of_failing(tmp_path):
-    """`make run`'s web server on PostgreSQL: 100 generate requests at once each run in a thread
-    of their own; without a connection pool each opened a connection, past PostgreSQL's
-    max_connections, and some answered 500."""
+@contextlib.contextmanager
+def runall_on_a_new_postgresql_database(tmp_path, **settings):
+    """`make run`'s steps and server on a PostgreSQL database of its own; yields (base URL, headers)."""
     import psycopg
 
-    from tests.helpers import png_bytes
-
     port = free_port()
-    name = f"i2v_burst_{port}"
+    name = f"i2v_run_{port}"
     admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "R2_BUCKET")}
     env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "I2V_DATA_DIR": str(tmp_path), "PORT": str(port),
-                "HOST": "127.0.0.1", "I2V_Q_NAME": f"i2v-burst-{port}", "DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{name}",
-                "I2V_RATE_GENERATE": "100000/m", "I2V_MAX_WAITING": "1000"})
+                "HOST": "127.0.0.1", "I2V_Q_NAME": f"i2v-run-{port}", "DATABASE_URL": admin_url.rsplit("/", 1)[0] + f"/{name}",
+                "I2V_RATE_GENERATE": "100000/m", "I2V_MAX_WAITING": "1000", **settings})
     py = sys.executable
     proc = None
     try:
@@ -142,6 +138,30 @@ def test_a_burst_of_requests_on_postgresql_waits_for_connections_instead_of_fail
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         wait_until_serving(f"{base}/api/ping", proc)
+        yield base, headers
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+ON_POSTGRESQL = pytest.mark.skipif(not os.environ.get("DATABASE_URL", "").startswith("postgres"), reason="PostgreSQL only")
+
+
+@pytest.mark.slow_start
+@ON_POSTGRESQL
+def test_a_burst_of_requests_on_postgresql_waits_for_connections_instead_of_failing(tmp_path):
+    """`make run`'s web server on PostgreSQL: 100 generate requests at once each run in a thread
+    of their own; without a connection pool each opened a connection, past PostgreSQL's
+    max_connections, and some answered 500."""
+    from tests.helpers import png_bytes
+
+    with runall_on_a_new_postgresql_database(tmp_path) as (base, headers):
         image = png_bytes()
         barrier = threading.Barrier(100)
 
@@ -154,12 +174,39 @@ def test_a_burst_of_requests_on_postgresql_waits_for_connections_instead_of_fail
         with ThreadPoolExecutor(100) as pool:
             answers = collections.Counter(pool.map(one, range(100)))
         assert answers == {202: 100}
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow_start
+@ON_POSTGRESQL
+def test_scripts_waiting_on_postgresql_hold_no_database_connection(tmp_path):
+    """Five scripts wait on a job with ?wait= on a web process whose pool has two connections: a
+    sixth request is still answered while they wait (a waiting request gives its connection back)."""
+    from tests.helpers import png_bytes
+
+    # The user may run no job at once: the job waits in the queue, unchanged, for the whole test.
+    with runall_on_a_new_postgresql_database(tmp_path, WEB_CONCURRENCY="1", I2V_DB_POOL_SIZE="2",
+                                             I2V_MAX_RUNNING="0") as (base, headers):
+        gpu = httpx.post(f"{base}/api/gpu/config", headers=headers, timeout=30,
+                         json={"comfyui_url": "http://127.0.0.1:9", "gpu_provider": "local"})
+        assert gpu.status_code == 200, gpu.text
+        job = httpx.post(f"{base}/api/generate-video", headers=headers, data={"prompt": "waited on"},
+                         files={"image": ("in.png", png_bytes(), "image/png")}, timeout=30).json()
+        assert job["status"] == "queued", job
+
+        def wait_on(i):
+            with httpx.Client(timeout=90) as http:
+                return http.get(f"{base}/api/jobs/{job['id']}", headers=headers, params={"wait": 30}).status_code
+
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(wait_on, i) for i in range(5)]
+            waiting = 0
+            while waiting < 5 and not any(f.done() for f in futures):
+                threading.Event().wait(0.05)  # until all five wait (polling for a state, not timing)
+                waiting = httpx.get(f"{base}/api/ping", timeout=30).json().get("waiting", 0)
+            assert waiting == 5, [f.result() for f in futures if f.done()]
+            other = httpx.get(f"{base}/api/jobs/{job['id']}", headers=headers, timeout=60)
+            assert other.status_code == 200 and other.json()["status"] == "queued"
+            assert not any(f.done() for f in futures)  # answered while all five still wait
+        assert [f.result() for f in futures] == [200] * 5
+
+
