@@ -43,17 +43,13 @@ def instance_for_url(url: str, config: GpuConfig | None = None, live: list[VastI
         return None
     url = url.rstrip("/")
     if live is None:
-        found = VastInstance.objects.filter(state__in=VastInstance.LIVE).filter(
-            Q(comfyui_url=url) | Q(comfyui_url=url + "/")).order_by("-created_at").first()
-    else:
-        found = max((i for i in live if i.comfyui_url in (url, url + "/")), key=lambda i: i.created_at, default=None)
+        live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE))  # a few rows at most
+    found = max((i for i in live if i.comfyui_url in (url, url + "/")), key=lambda i: i.created_at, default=None)
     if found is not None:
         return found
     config = config or GpuConfig.get()
     if config.vastai_instance_id and same_url(config.comfyui_url, url):
-        if live is not None:
-            return next((i for i in live if i.vast_id == config.vastai_instance_id), None)
-        return VastInstance.objects.filter(vast_id=config.vastai_instance_id, state__in=VastInstance.LIVE).first()
+        return next((i for i in live if i.vast_id == config.vastai_instance_id), None)
     return None
 
 
