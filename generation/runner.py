@@ -301,12 +301,8 @@ def follow_moved_tunnel(job) -> bool:
 def _within_grace(job) -> bool:
     """Whether an unreachable ComfyUI is still worth retrying for this job: for
     UNREACHABLE_GRACE seconds since it was first found unreachable (a tunnel hiccup
-    must not fail a long run)."""
-    now = timezone.now()
-    if job.unreachable_since is None:
-        VideoJob.objects.filter(pk=job.pk, unreachable_since=None).update(unreachable_since=now)
-        job.unreachable_since = now
-    return (now - job.unreachable_since).total_seconds() < UNREACHABLE_GRACE
+    must not fail a long run). _unreachable has recorded `unreachable_since`."""
+    return (timezone.now() - job.unreachable_since).total_seconds() < UNREACHABLE_GRACE
 
 
 def claim_ids(job):
