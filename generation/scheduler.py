@@ -826,11 +826,12 @@ def boot_failures_exhausted(since: datetime) -> VastInstance | None:
     return failures[0] if len(failures) >= MAX_BOOT_ATTEMPTS else None
 
 
-def place_now() -> PassResult:
+def place_now(seen: int | None = None) -> PassResult:
     """A pass right here (binding is quick) for what the caller just committed, unless another
-    pass saw it meanwhile; renting, destroying and waiting on the clock are left to a `schedule`
-    task, so a request or a job's worker is not held by them."""
-    result = run_pass(seen=passes_so_far())
+    pass saw it meanwhile (`seen`: passes_so_far() read after the commit, read here if not given);
+    renting, destroying and waiting on the clock are left to a `schedule` task, so a request or a
+    job's worker is not held by them."""
+    result = run_pass(seen=passes_so_far() if seen is None else seen)
     if result.rent or result.destroy or result.needs_tick:
         q_tasks.async_task("generation.tasks.schedule", group="jobs")
     return result
@@ -863,11 +864,13 @@ def request_pass() -> None:
     """Place a new job once the current transaction commits: a pass in this process (the job reaches
     a free GPU without waiting for a worker to pick up a task); if that fails, a worker's task."""
     def place():
+        seen = None
         try:
-            place_now()
+            seen = passes_so_far()
+            place_now(seen)
         except Exception as exc:  # noqa: BLE001 - the job is stored: a worker's pass places it
             log.warning("scheduling pass after a new job failed (%s); a worker will place it", exc)
-            q_tasks.async_task("generation.tasks.schedule", timezone.now().isoformat(), group="jobs")
+            q_tasks.async_task("generation.tasks.schedule", seen, group="jobs")
 
     transaction.on_commit(place)
 

@@ -128,15 +128,14 @@ def watchdog():
 TICK_SECONDS = 2.0  # how often passes run while jobs wait on time alone (a GPU booting, a URL down)
 
 
-def schedule(requested_at: str | None = None):
-    """A scheduling pass, then what it decided (renting, destroying). Skipped when a pass began
-    after it was asked for (that pass saw everything this one would). While jobs wait on
-    something only time changes, one worker keeps passing every TICK_SECONDS for a slice."""
-    if requested_at:
-        last = SchedulerState.objects.filter(pk=1).values_list("last_pass_at", flat=True).first()
-        if last is not None and last.isoformat() > requested_at:
-            return "already done"
-    result = scheduler.run_pass()
+def schedule(seen: int | None = None):
+    """A scheduling pass, then what it decided (renting, destroying). With `seen` (the pass count
+    read after the change it is for), skipped when later passes saw that change (run_pass). While
+    jobs wait on something only time changes, one worker keeps passing every TICK_SECONDS for a
+    slice. (A task queued by an older version carries a time instead: it just passes.)"""
+    result = scheduler.run_pass(seen=seen if isinstance(seen, int) else None)
+    if result.skipped:
+        return "already done"
     scheduler.carry_out(result)
     if result.needs_tick and _take_ticker():
         until = time.monotonic() + settings.I2V_FOLLOW_SLICE
