@@ -131,7 +131,8 @@ def test_log_in_generate_and_watch_the_job_finish_live(page, live_server, user, 
     expect(video).to_be_visible()
     expect(page.get_by_role("link", name="Download video")).to_have_attribute("href", f"/jobs/{job_id}/video")
     # The browser can actually load and play what the page points at.
-    page.wait_for_function("document.querySelector('video.player').readyState >= 1", timeout=10_000)
+    # A function, not an expression: Playwright polls an expression with eval, which the CSP forbids.
+    page.wait_for_function("() => document.querySelector('video.player').readyState >= 1", timeout=10_000)
     assert page.evaluate("document.querySelector('video.player').duration") > 0
     assert page.evaluate("window.__stillTheSamePage") is True
     expect(page.get_by_role("button", name="Run again")).to_be_visible()
@@ -208,7 +209,7 @@ def test_jobs_page_badges_update_live(page, live_server, user, other_user, comfy
     expect(page.get_by_text("not alice's")).to_have_count(0)
     badge = page.locator(f"#badge-{live.id}")
     expect(badge).to_contain_text("Queued")
-    page.wait_for_function("[...document.querySelectorAll('.job-card img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("() => [...document.querySelectorAll('.job-card img')].every(i => i.complete && i.naturalWidth > 0)")
     worker = worker_for(live.id)
     comfy.wait_held(timeout=10)
     expect(badge).to_contain_text(re.compile("Submitted|Running"))
