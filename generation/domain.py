@@ -272,7 +272,7 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
     try:
         with transaction.atomic():
             job.save(force_insert=True)
-            scheduler.request_pass()
+            scheduler.request_pass(job)
     except IntegrityError:
         # A concurrent request with the same idempotency key won the race.
         default_storage.delete(name)

@@ -75,7 +75,8 @@ def shows(fields):
     return not answer.isdisjoint(fields)
 
 
-def _forget_instance(sender, instance, update_fields=None, **kwargs):
-    if update_fields is None or shows(update_fields):
+def _forget_instance(sender, instance, update_fields=None, created=False, **kwargs):
+    # A job just created has no answer cached: its id was new (a GET of an unknown id caches nothing).
+    if not created and (update_fields is None or shows(update_fields)):
         forget(instance.pk)
         waiting.announce(instance.pk)

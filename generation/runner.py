@@ -193,6 +193,8 @@ def advance(job_id, deadline: float) -> bool:
     finally:
         if conn is not None:
             conn.close()
+    if hasattr(job, "learn_run"):  # the run ended on the GPU in this slice (_conclude)
+        scheduler.record_run(job, *job.learn_run)
     job.refresh_from_db()
     return job.is_terminal
 
@@ -248,6 +250,7 @@ class Connection:
         self.client = client_for(job, target)
         self.events = None
         self._cm = None
+        self.run_ended = False
 
     def open_events(self, client_id):
         if self.events is not None:
@@ -277,7 +280,10 @@ class Connection:
             threading.Thread(target=close, daemon=True).start()
 
     def close(self):
-        self.drop_events()
+        # Once the run ended nobody opens this client id's websocket again: its close handshake
+        # need not hold the worker. Before, it must be over before a next slice opens one (ComfyUI
+        # forgets a client id's socket when its old socket closes, even after a new one opened).
+        self.drop_events(wait=not self.run_ended)
         self.client.close()
 
 
@@ -425,9 +431,9 @@ class Progress:
         self._save(current_node=str(node))
 
     def on_end(self):
-        if self.current is not None:
-            self._close()
-            self._save()
+        """The run ended: the node that ran last is closed here and saved with the job's next write
+        (_conclude), one UPDATE instead of two on the way to the video."""
+        self._close()
 
     def tick(self):
         """Between events (a long VAE decode sends none): move progress and the ETA on by time."""
@@ -448,14 +454,19 @@ class Progress:
         value, left = self.estimate.at(done, current[0] if current else None, fraction, elapsed)
         return round(value, 4), progress_model.eta_at(left)
 
-    def _save(self, **extra):
+    def fields(self, **extra) -> dict:
+        """The job's progress columns as the events so far have them."""
         job = self.job
         step = sum(v for v, _ in self.nodes.values())
         total = max(job.steps_total, sum(m for _, m in self.nodes.values()))
         value, eta = self._estimate(min(step, total), total)
-        fields = {"node_progress": self.nodes, "step": min(step, total), "steps_total": total,
-                  "progress": max(value, job.progress if job.status == S.RUNNING else 0.0),
-                  "node_timings": self.timings, "eta_at": eta, **extra}
+        return {"node_progress": self.nodes, "step": min(step, total), "steps_total": total,
+                "progress": max(value, job.progress if job.status == S.RUNNING else 0.0),
+                "node_timings": self.timings, "eta_at": eta, **extra}
+
+    def _save(self, **extra):
+        job = self.job
+        fields = self.fields(**extra)
         self.last_save = time.monotonic()
         if job.status == S.SUBMITTED:
             job.transition(S.RUNNING, **fields)
@@ -500,7 +511,9 @@ def follow(job, deadline, conn):
         if ended or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll = time.monotonic()
             item = _check_history(client, job)
-    conn.drop_events(wait=False)  # the run ended: no more events to read
+    # The websocket is closed with the connection (advance), once the video is stored: its close
+    # handshake on a thread of its own here took the CPU from the way to the video.
+    conn.run_ended = True
     progress.on_end()
     _conclude(job, item, progress, client)
 
@@ -561,9 +574,12 @@ def _conclude(job, item, progress=None, client=None):
     if item.get("_cancelled"):
         return
     outcome, message = run_outcome(item)
-    job.refresh_from_db()
+    # No re-read: the job in hand is as this worker wrote it, and each write below is a
+    # compare-and-set on its status (a job cancelled meanwhile is not overwritten).
     if job.is_terminal:
         return
+    if outcome != "success" and progress is not None and progress.current is None and progress.timings:
+        progress._save()  # the timing of the node that ran last, which on_end closed
     if outcome == "interrupted":
         job.transition(S.CANCELLED, error="Cancelled: the run was interrupted on ComfyUI.")
         finish_accounting(job)
@@ -577,7 +593,7 @@ def _conclude(job, item, progress=None, client=None):
     if not outputs:
         raise JobFailed("ComfyUI finished but produced no video output. Check the workflow's SaveVideo node.")
     out = outputs[0]
-    fields = {"progress": job.progress, "eta_at": None}
+    fields = {**(progress.fields() if progress is not None else {}), "progress": job.progress, "eta_at": None}
     if progress is not None and progress.estimate.known:
         upload = progress.estimate.expected.get(progress_model.UPLOAD, 0.0)
         fields["progress"] = round(min(progress_model.RUNNING_CAP, 1 - upload / progress.estimate.total), 4)
@@ -585,8 +601,9 @@ def _conclude(job, item, progress=None, client=None):
     else:
         fields["progress"] = max(job.progress, progress_model.NO_HISTORY_CAP)
     if job.transition(S.UPLOADING, provider_urls={"output": out}, **fields):
-        scheduler.record_run(job, execution_seconds(item))
         scheduler.slot_freed()  # the GPU is done with it: the next job is placed while this one uploads
+        # Learnt at the end of the slice (advance), after the video is stored: not on its way.
+        job.learn_run = (execution_seconds(item),)
 
 
 def execution_seconds(item) -> float | None:
@@ -634,7 +651,8 @@ def store_output(job, client):
     with client.open_view(out["filename"], out.get("subfolder", ""), out.get("type", "output")) as resp:
         stream = ResponseStream(resp)
         name = save_video(f"videos/{job.id}.{ext}", stream)
-    job.refresh_from_db()
+    # No re-read: the transition below is a compare-and-set on UPLOADING (a job cancelled meanwhile
+    # keeps no video), and the timings are this job's as advance() read or _conclude() wrote them.
     timings = list(job.node_timings or [])
     if timings and job.uploading_at:
         origin = job.submitted_at or job.created_at

@@ -408,6 +408,7 @@ def _fal_spent_today(user_ids, now) -> dict:
 @dataclass
 class PassResult:
     bound: list = field(default_factory=list)
+    placed: dict = field(default_factory=dict)  # job id (text) -> the fields its binding wrote
     requeued: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     rent: int = 0
@@ -452,20 +453,25 @@ def run_pass(now: datetime | None = None, seen: int | None = None) -> PassResult
         now = now or timezone.now()
         config = GpuConfig.get()
         gpu_places = capacity.places(config, now)
-        _requeue_orphans(gpu_places, result)
+        occupying = list(VideoJob.objects.exclude(place="").filter(status__in=OCCUPYING).values_list(
+            "id", "place", "owner_id", "workflow_slug", "width", "height", "frames", "started_at"))
+        requeued = _requeue_orphans(gpu_places, occupying, result)
         estimate = Estimator.load(float(config.default_run_seconds))
 
         bound = defaultdict(list)  # place key -> [(kind, started epoch)]
         running = defaultdict(int)
-        for place, owner, slug, w, h, f, started_at in (
-            VideoJob.objects.exclude(place="").filter(status__in=OCCUPYING)
-            .values_list("place", "owner_id", "workflow_slug", "width", "height", "frames", "started_at")
-        ):
+        for job_id, place, owner, slug, w, h, f, started_at in occupying:
+            if job_id in requeued:
+                continue  # waiting again: counted below
             bound[place].append(((slug, w, h, f), _epoch(started_at)))
             running[owner] += 1
 
-        counts = dict(VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False)
-                      .values("owner_id").annotate(n=Count("id")).values_list("owner_id", "n"))
+        counts, with_deadline = {}, 0
+        for owner, n, d in (VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False)
+                            .values("owner_id").annotate(n=Count("id"), d=Count("deadline_at"))
+                            .values_list("owner_id", "n", "d")):
+            counts[owner] = n
+            with_deadline += d
         result.waiting = sum(counts.values())
         owners = set(counts) | set(running)
         quotas = {q.user_id: q for q in UserQuota.objects.filter(user_id__in=owners)}
@@ -478,7 +484,8 @@ def run_pass(now: datetime | None = None, seen: int | None = None) -> PassResult
             # Only the first jobs in fair order can be placed now: read just enough of each user's.
             rows = _waiting_rows(per_user=_needed_per_user(counts, clocks, weights, Inputs.detail + 1))
         deadlines = {_hex(jid): _epoch(at) for jid, at in VideoJob.objects.filter(
-            place="", status__in=WAITING, cancel_requested=False, deadline_at__isnull=False).values_list("id", "deadline_at")}
+            place="", status__in=WAITING, cancel_requested=False, deadline_at__isnull=False).values_list("id", "deadline_at")
+        } if with_deadline else {}
         jobs_by_user = defaultdict(list)
         for n, (jid, owner, backend, slug, w, h, f) in enumerate(rows):
             jid = _hex(jid)
@@ -590,6 +597,7 @@ def _bind(binds, gpu_places, result, now):
         won = VideoJob.objects.filter(pk=job_id, place="", status__in=WAITING).update(**fields)
         if won:
             result.bound.append(job_id)
+            result.placed[str(job_id)] = fields
     if result.bound:
         ids = [str(i) for i in result.bound]
         transaction.on_commit(lambda: [q_tasks.async_task("generation.tasks.run_job", i, group="jobs") for i in ids])
@@ -671,17 +679,21 @@ def _fail_waiting(job_id, message, result):
         result.failed.append(job_id)
 
 
-def _requeue_orphans(gpu_places, result):
+def _requeue_orphans(gpu_places, occupying, result) -> set:
     """Jobs bound to a place that no longer exists (an instance destroyed, a server removed) go
     back to the queue. A job ComfyUI had started there is lost with its place: it runs again
-    elsewhere, counted against the runs it may have."""
+    elsewhere, counted against the runs it may have. `occupying`: (id, place, …) of the jobs bound
+    to a place and not done with it. The ids of those requeued."""
     known = {p.key for p in gpu_places if p.ready_at is None} | {FAL}
-    stale = (VideoJob.objects.exclude(place="").exclude(place__in=known).filter(status__in=OCCUPYING)
-             .values_list("id", "place"))
-    for job_id, key in stale:
+    requeued = set()
+    for job_id, key, *_ in occupying:
+        if key in known:
+            continue
         job = VideoJob.objects.filter(pk=job_id).first()
         if job is not None and requeue(job, "the GPU it was placed on is gone"):
             result.requeued.append(job_id)
+            requeued.add(job_id)
+    return requeued
 
 
 def _idle_instances(config, gpu_places, bound, sims, now) -> list:
@@ -860,14 +872,19 @@ def on_capacity_changed(sender, **kwargs) -> None:
     q_tasks.async_task("generation.tasks.schedule", group="jobs")
 
 
-def request_pass() -> None:
+def request_pass(job: VideoJob | None = None) -> None:
     """Place a new job once the current transaction commits: a pass in this process (the job reaches
-    a free GPU without waiting for a worker to pick up a task); if that fails, a worker's task."""
+    a free GPU without waiting for a worker to pick up a task); if that fails, a worker's task.
+    `job`, when this pass placed it, gets its binding's fields (the answer shows where it runs,
+    without reading the job or its queue again)."""
     def place():
         seen = None
         try:
             seen = passes_so_far()
-            place_now(seen)
+            result = place_now(seen)
+            if job is not None and str(job.pk) in result.placed:
+                for name, value in result.placed[str(job.pk)].items():
+                    setattr(job, name, value)
         except Exception as exc:  # noqa: BLE001 - the job is stored: a worker's pass places it
             log.warning("scheduling pass after a new job failed (%s); a worker will place it", exc)
             q_tasks.async_task("generation.tasks.schedule", seen, group="jobs")

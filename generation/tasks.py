@@ -78,15 +78,14 @@ def run_job(job_id):
             Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
         # The lease lasts as long as django-q2 lets a task live (`timeout` < `retry`), so a task
         # redelivered after a worker died always finds the dead worker's lease expired.
-        ).update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
+        ).exclude(place="").update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
 
     if not with_database(take_lease, until):
+        if VideoJob.objects.filter(pk=job_id, place="", status__in=VideoJob.ACTIVE).exists():
+            # Not placed yet (a redelivery, the watchdog): placing is the scheduler's.
+            place_now()
+            return "waiting"
         return "busy-or-finished"
-    if not VideoJob.objects.filter(pk=job_id).exclude(place="").exists():
-        # Not placed yet (a redelivery, the watchdog): placing is the scheduler's.
-        VideoJob.objects.filter(pk=job_id, lease_token=token).update(lease_token="", lease_until=None)
-        place_now()
-        return "waiting"
     done = False
     try:
         done = runner.advance(job_id, deadline=started + slice_seconds)
