@@ -50,6 +50,17 @@ def test_generate_places_the_job_on_a_free_gpu_at_once(api, user, enqueued, djan
     assert enqueued == [("generation.tasks.run_job", (str(job.id),))]
 
 
+@pytest.mark.django_db(transaction=True)  # the pass runs when the job's row commits, before the answer
+def test_generate_answer_says_where_the_job_was_placed(api, user, enqueued):
+    from gpu.models import GpuConfig
+
+    GpuConfig.objects.filter(pk=GpuConfig.get().pk).update(comfyui_url="http://127.0.0.1:9", gpu_provider="local")
+    body = post_image(api, {}, png_bytes()).json()
+    # Placed on the configured GPU by the request's own pass: it waits in no queue of i2v's.
+    assert body["place"] == "config" and body["queue_position"] is None and body["expected_start_at"] is None
+    assert body["status"] == "queued" and VideoJob.objects.get(pk=body["id"]).place == "config"
+
+
 def test_generate_uses_workflow_defaults(api, enqueued):
     resp = post_image(api, {"workflow": "wan22-i2v"}, png_bytes())
     assert resp.status_code == 202
