@@ -224,17 +224,21 @@ def _job(request, job_id):
         raise HttpError(404, "No such job.")
 
 
+def _render(job, base: str) -> bytes:
+    """The job's answer, validated and rendered once (a cached answer is sent as these bytes)."""
+    answer = JobOut.model_validate(domain.job_json(job, base)).model_dump()
+    return RENDERER.render(None, answer, response_status=200)
+
+
 def _answer(user, job_id, base: str = ""):
-    """(owner id, the rendered JSON) of the job; from the shared cache when it has the job."""
+    """The rendered JSON of the job; from the shared cache when it has the job."""
     cached = jobcache.get(job_id)
     # The answer holds absolute URLs: one cached for another host name is not this one's.
     if cached is None or cached[1][0] != base:
         job = domain.read_job(user, job_id)
         if job is None:
             raise HttpError(404, "No such job.")
-        # Validated and rendered once; a cached answer is sent as these bytes.
-        answer = JobOut.model_validate(domain.job_json(job, base)).model_dump()
-        cached = (job.owner_id, (base, RENDERER.render(None, answer, response_status=200)))
+        cached = (job.owner_id, (base, _render(job, base)))
         jobcache.put(job_id, *cached)
     owner_id, (_, body) = cached
     if owner_id != user.pk and not user.is_staff:
@@ -242,12 +246,27 @@ def _answer(user, job_id, base: str = ""):
     return body
 
 
-def _state(user, job_id):
+def _state_of(job):
     """What a waiting script sees change: status, step, progress, note, queue position."""
-    job = domain.read_job(user, job_id)
-    if job is None:
-        return None
     return (job.status, job.step, job.steps_total, round(job.progress, 4), job.note, job.queue_position)
+
+
+class _Watch:
+    """Reads the state a waiting request watches (read_job: the job `user` may see), keeping the
+    row it read: the answer is rendered from that row, not read again through the cache, which
+    the change that ended the wait has just emptied for this job."""
+
+    def __init__(self, user, job_id):
+        self.user, self.job_id, self.job = user, job_id, None
+
+    def __call__(self):
+        self.job = domain.read_job(self.user, self.job_id)
+        return None if self.job is None else _state_of(self.job)
+
+    def answer(self, base: str) -> bytes:
+        if self.job is None:
+            raise HttpError(404, "No such job.")
+        return _render(self.job, base)
 
 
 def _json(body: bytes, status=200) -> HttpResponse:
@@ -263,11 +282,13 @@ async def get_job(request, job_id: uuid.UUID,
     N seconds with it as it is. A waiting request holds no thread (generation/waiting.py)."""
     user = request.auth
     if wait:
-        seen = await sync_to_async(_state)(user, job_id)
+        watch = _Watch(user, job_id)
+        seen = await sync_to_async(watch)()
         if seen is None:
             raise HttpError(404, "No such job.")
         if seen[0] not in VideoJob.TERMINAL:
-            await waiting.wait_for_change(job_id, lambda: _state(user, job_id), seen, wait)
+            await waiting.wait_for_change(job_id, watch, seen, wait)
+            return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
     return _json(await sync_to_async(_answer)(user, job_id, domain.base_url(request)))
 
 
@@ -301,10 +322,13 @@ async def _generate_waiting(request, backend_default):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + prefer
     state = (job["status"],)
+    watch = _Watch(user, job["id"])
     while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
-        state = await waiting.wait_for_change(job["id"], lambda: _state(user, job["id"]), state,
-                                              deadline - loop.time())
-    body = await sync_to_async(_answer)(user, job["id"], domain.base_url(request))
+        state = await waiting.wait_for_change(job["id"], watch, state, deadline - loop.time())
+    if watch.job is not None:
+        body = await sync_to_async(watch.answer)(domain.base_url(request))
+    else:
+        body = await sync_to_async(_answer)(user, job["id"], domain.base_url(request))
     done = state is not None and state[0] in VideoJob.TERMINAL
     response = _json(body, status=200 if done else code)
     response["Preference-Applied"] = f"wait={int(prefer)}"

@@ -12,7 +12,7 @@ from django.db import IntegrityError, connections, transaction
 from django.urls import reverse
 from django.utils import timezone
 
-from generation import scheduler
+from generation import jobcache, scheduler
 from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import UserQuota, VideoJob, Workflow
@@ -270,7 +270,8 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
     name = default_storage.save(f"inputs/{job_id}.{ext}", ContentFile(image_bytes))
     job.input_image.name = name
     try:
-        with transaction.atomic():
+        # Its id is told to nobody before this returns: placing it drops no cached answer.
+        with jobcache.unseen(job_id), transaction.atomic():
             job.save(force_insert=True)
             scheduler.request_pass(job)
     except IntegrityError:

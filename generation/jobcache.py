@@ -12,6 +12,8 @@ On by default only with Redis (`REDIS_URL`): the web processes and the worker th
 cache. With the embedded defaults each process has its own memory, the worker's writes could not
 reach the web processes' copies, so it stays off (0)."""
 
+import contextlib
+import contextvars
 import logging
 
 from django.conf import settings
@@ -57,9 +59,28 @@ def _delete(keys):
         log.warning("job cache unavailable: %s", exc)
 
 
+# Jobs whose id nobody has been told yet (the request creating them is still running): no answer
+# can be cached for them, so writes to them drop nothing (a round trip to Redis each, on the way
+# of every new job to its GPU).
+_unseen = contextvars.ContextVar("i2v_jobcache_unseen", default=frozenset())
+
+
+@contextlib.contextmanager
+def unseen(job_id):
+    token = _unseen.set(_unseen.get() | {str(job_id)})
+    try:
+        yield
+    finally:
+        _unseen.reset(token)
+
+
 def forget(*job_ids):
     if not enabled() or not job_ids:
         return
+    if hidden := _unseen.get():
+        job_ids = [job_id for job_id in job_ids if str(job_id) not in hidden]
+        if not job_ids:
+            return
     keys = [f"{PREFIX}{job_id}" for job_id in job_ids]
     if transaction.get_connection().in_atomic_block:
         _delete(keys)
