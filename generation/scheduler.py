@@ -39,13 +39,13 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count
 from django.utils import timezone
-import django_q.tasks as q_tasks
 
 from generation import failures
 from generation.models import RunStat, SchedulerState, UserQuota, VideoJob
 from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
+from i2v.core import queue as q_tasks
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status

@@ -39,7 +39,8 @@ def enqueue_webhook(job, attempt=1):
     if not job.webhook_url:
         return
     from django_q.models import Schedule
-    from django_q.tasks import async_task
+
+    from i2v.core.queue import async_task
 
     delay = BACKOFF[min(attempt, len(BACKOFF)) - 1]
     if delay == 0:

@@ -216,7 +216,7 @@ def _abandon(instance, message):
 
 
 def _enqueue_wait(instance_id):
-    from django_q.tasks import async_task
+    from i2v.core.queue import async_task
 
     transaction.on_commit(lambda: async_task("gpu.tasks.wait_for_instance", str(instance_id), group="gpu"))
 

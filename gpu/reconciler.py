@@ -68,7 +68,7 @@ def reconcile(now=None) -> dict:
     - reservations that never got a rental are failed, stalled wait tasks restarted;
     - instances the user rented in the console (adopted) only have their status recorded.
     """
-    from django_q.tasks import async_task
+    from i2v.core.queue import async_task
 
     now = now or timezone.now()
     report = {"destroyed": [], "adopted": [], "marked_gone": [], "retried": [], "failed_reservations": [], "restarted_waits": []}

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def enqueue(func, *args):
-    from django_q.tasks import async_task
+    from i2v.core.queue import async_task
 
     async_task(func, *args, group="gpu")
 
