@@ -28,8 +28,9 @@ Renting and destroying (slow network calls) happen after the lock is released
 
 import heapq
 import logging
-import uuid
+import random
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,7 +38,8 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count
+from django.db.models import Count, F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from generation import failures
@@ -409,6 +411,7 @@ def _fal_spent_today(user_ids, now) -> dict:
 class PassResult:
     bound: list = field(default_factory=list)
     placed: dict = field(default_factory=dict)  # job id (text) -> the fields its binding wrote
+    claimed_seed: dict = field(default_factory=dict)  # job id (text) -> the seed its claim drew, if it had none
     requeued: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     rent: int = 0
@@ -584,17 +587,29 @@ def _hex(job_id) -> str:
 
 
 def _bind(binds, gpu_places, result, now):
-    """Compare-and-set each job onto its place; the worker is handed each one after commit."""
+    """Compare-and-set each job onto its place; the worker is handed each one after commit.
+
+    On a place that is ready, the binding also claims the run (what runner.claim_ids does for a job
+    bound to a GPU still booting): its prompt and client ids, the URL and the seed are stored here,
+    before anything is posted, so the worker's first write is the POST's own record."""
     by_key = {p.key: p for p in gpu_places}
     for job_id, key in binds:
         fields = {"place": key, "bound_at": now, "queue_position": None, "note": ""}
+        counted = {}
         place = by_key.get(key)
         if key == FAL:
             fields.update(backend=VideoJob.Backend.FAL)
-        elif place is not None and place.instance_id:
-            fields.update(instance_id=place.instance_id)
-            capacity.touch_instance(place.instance_id, now)
-        won = VideoJob.objects.filter(pk=job_id, place="", status__in=WAITING).update(**fields)
+        elif place is not None:
+            if place.instance_id:
+                fields.update(instance_id=place.instance_id)
+                capacity.touch_instance(place.instance_id, now)
+            if place.ready_at is None and place.url:
+                seed = random.randrange(0, 2**53)
+                fields.update(prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=place.url,
+                              instance_id=place.instance_id, gpu_class=place.gpu_class)
+                counted = {"submit_count": F("submit_count") + 1, "seed": Coalesce(F("seed"), Value(seed))}
+                result.claimed_seed[str(job_id)] = seed
+        won = VideoJob.objects.filter(pk=job_id, place="", prompt_id="", status__in=WAITING).update(**fields, **counted)
         if won:
             result.bound.append(job_id)
             result.placed[str(job_id)] = fields
@@ -885,6 +900,10 @@ def request_pass(job: VideoJob | None = None) -> None:
             if job is not None and str(job.pk) in result.placed:
                 for name, value in result.placed[str(job.pk)].items():
                     setattr(job, name, value)
+                if str(job.pk) in result.claimed_seed:  # the binding claimed the run (_bind)
+                    job.submit_count += 1
+                    if job.seed is None:
+                        job.seed = result.claimed_seed[str(job.pk)]
         except Exception as exc:  # noqa: BLE001 - the job is stored: a worker's pass places it
             log.warning("scheduling pass after a new job failed (%s); a worker will place it", exc)
             q_tasks.async_task("generation.tasks.schedule", seen, group="jobs")
