@@ -438,3 +438,37 @@ def test_comfyui_hiccup_mid_run_does_not_fail_a_long_job(configured, user, monke
     comfy.hold.set()
     job = run_to_end(job)
     assert job.status == S.COMPLETED and job.unreachable_since is None
+
+
+def test_on_local_files_a_run_goes_straight_to_completed(configured, user, monkeypatch):
+    """Storing a video on local files is a copy of a few ms: the job is written once at the end of its
+    run (completed), not twice (uploading, then completed), and the GPU's time is still on record."""
+    statuses = []
+    real_transition = VideoJob.transition
+
+    def transition(job, to, **fields):
+        statuses.append(to)
+        return real_transition(job, to, **fields)
+
+    monkeypatch.setattr(VideoJob, "transition", transition)
+    configured.run_seconds = 0.2
+    job = run_to_end(make_job(user, workflow="wan22-i2v"))
+    assert job.status == S.COMPLETED and default_storage.exists(job.video.name)
+    assert S.UPLOADING not in statuses and statuses[-1] == S.COMPLETED
+    assert job.submitted_at <= job.uploading_at <= job.finished_at
+    assert job.node_timings[-1][0] == "upload" and job.progress == 1.0
+
+
+def test_on_local_files_a_failed_store_waits_in_uploading_and_is_retried(configured, user, monkeypatch):
+    real_save = runner.save_video
+    failures = iter([OSError("No space left on device")])
+
+    def save_video(name, stream):
+        for exc in failures:
+            raise runner.StorageFailed(f"Could not upload the video to the storage: {exc}") from exc
+        return real_save(name, stream)
+
+    monkeypatch.setattr(runner, "save_video", save_video)
+    job = run_to_end(make_job(user))
+    # The failed copy left the job uploading (the video is still on ComfyUI); the retry stored it.
+    assert job.status == S.COMPLETED and job.uploading_at is not None and default_storage.exists(job.video.name)
