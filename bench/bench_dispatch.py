@@ -18,6 +18,9 @@ GPU. Setups, all in one run:
 - the floor: a client talking to the same double directly: POST /upload/image, POST /prompt,
   websocket until the run ends, GET /view.
 
+Then, setup by setup, the whole machine's CPU time per job (/proc/stat): on this two-core machine
+the jobs at once share it with the web server, the workers, PostgreSQL, Redis and the doubles.
+
 Goal: median ≤ 100 ms on SQLite, ≤ 50 ms on PostgreSQL + Redis, and ≤ 2 × the floor.
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379, as `.ci/run` starts
 them; the database `i2v_bench_dispatch` is dropped and created afresh.
@@ -26,6 +29,7 @@ them; the database `i2v_bench_dispatch` is dropped and created afresh.
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -130,6 +134,23 @@ def raw_job(comfy_url) -> float:
     return took - execution_seconds([comfy_url], prompt_id)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every process on this machine has used so far (Linux /proc/stat: user, nice,
+    system, irq and softirq; not idle, iowait or steal)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_job(one, jobs: int) -> float:
+    """The machine's CPU time per job, in ms, over `jobs` jobs in a row: i2v's web server, workers,
+    PostgreSQL, Redis, the ComfyUI double and this client together (ComfyUI's own run is a sleep)."""
+    before = machine_busy_seconds()
+    for _ in range(jobs):
+        one(0)
+    return 1000 * (machine_busy_seconds() - before) / jobs
+
+
 def figures(overheads):
     """(median, p90) in ms."""
     ms = sorted(1000 * o for o in overheads)
@@ -166,6 +187,8 @@ def main():
             for _ in range(2):
                 for name, one in setups.items():
                     at_once[name] += list(pool.map(one, range(args.concurrent)))
+        # What a job costs the machine's CPU, setup by setup (not interleaved: /proc/stat counts all).
+        cpu = {name: cpu_per_job(one, max(5, args.jobs // 2)) for name, one in setups.items()}
     print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms; {args.jobs} jobs in a row, "
           f"and {args.concurrent} at once on {args.concurrent} GPUs (twice), each setup in turn:")
     print(f"{'setup':<40} {'in a row: median':>17} {'p90':>7} {'× floor':>8} {'at once: median':>16} {'p90':>7} "
@@ -174,6 +197,10 @@ def main():
     for name in setups:
         (m1, p1), (m2, p2) = figures(in_a_row[name]), figures(at_once[name])
         print(f"{name:<40} {m1:17.1f} {p1:7.1f} {m1 / floor_row[0]:8.2f} {m2:16.1f} {p2:7.1f} {m2 / floor_once[0]:8.2f}")
+    print(f"\nCPU time per job, the whole machine ({os.cpu_count()} cores: web server, workers, databases, the doubles "
+          f"and this client), {max(5, args.jobs // 2)} jobs in a row per setup:")
+    for name in setups:
+        print(f"{name:<40} {cpu[name]:8.1f} ms   {cpu[name] / cpu['raw client (floor)']:5.2f} × floor")
 
 
 if __name__ == "__main__":
