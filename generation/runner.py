@@ -679,11 +679,18 @@ def store_output(job, client, ended=None) -> bool:
         timings.append([progress_model.UPLOAD, progress_model.UPLOAD, round(start, 3),
                         round((timezone.now() - uploading_at).total_seconds(), 3)])
     steps = ended.get("steps_total", job.steps_total)
+    # The cost is written with the completion: the answer that says "completed" says what it cost.
+    ended["finished_at"] = timezone.now()
+    cost = gpu_cost(job, ended["finished_at"])
+    if cost is not None:
+        ended["cost_usd"] = cost
     if not job.transition(S.COMPLETED, video=name, video_size=stream.bytes_read, step=steps,
                           node_timings=timings, eta_at=None, **ended):
         default_storage.delete(name)  # cancelled meanwhile: keep no orphan
         return False
-    finish_accounting(job)
+    from generation.webhooks import enqueue_webhook
+
+    enqueue_webhook(job)
     return True
 
 
@@ -767,16 +774,23 @@ class ResponseStream(io.RawIOBase):
         return n
 
 
-def finish_accounting(job):
-    """The job's GPU cost: its seconds on the instance × the instance's $/hour."""
-    job.refresh_from_db()
+def gpu_cost(job, until) -> Decimal | None:
+    """The job's GPU cost: its seconds on the instance (to `until`) × the instance's $/hour; 0 on
+    your own GPU (i2v pays nothing per clip); None when there is nothing to charge here."""
     if job.instance_id and job.instance and job.submitted_at:
-        seconds = ((job.finished_at or timezone.now()) - job.submitted_at).total_seconds()
-        cost = (job.instance.dph_total * Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.0001"))
+        seconds = (until - job.submitted_at).total_seconds()
+        return (job.instance.dph_total * Decimal(seconds) / Decimal(3600)).quantize(Decimal("0.0001"))
+    if job.backend == VideoJob.Backend.COMFYUI and job.cost_usd is None:
+        return Decimal("0")
+    return None
+
+
+def finish_accounting(job):
+    """Record the GPU cost of a job that just ended, then its webhook."""
+    job.refresh_from_db()
+    cost = gpu_cost(job, job.finished_at or timezone.now())
+    if cost is not None:
         VideoJob.objects.filter(pk=job.pk).update(cost_usd=cost)
-    elif job.backend == VideoJob.Backend.COMFYUI and job.cost_usd is None:
-        # Your own GPU: i2v pays nothing per clip.
-        VideoJob.objects.filter(pk=job.pk).update(cost_usd=Decimal("0"))
     from generation.webhooks import enqueue_webhook
 
     enqueue_webhook(job)

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 from django.core.files.base import ContentFile
@@ -472,3 +473,20 @@ def test_on_local_files_a_failed_store_waits_in_uploading_and_is_retried(configu
     job = run_to_end(make_job(user))
     # The failed copy left the job uploading (the video is still on ComfyUI); the retry stored it.
     assert job.status == S.COMPLETED and job.uploading_at is not None and default_storage.exists(job.video.name)
+
+
+def test_a_job_is_never_seen_completed_without_its_cost(configured, user, monkeypatch):
+    """A script woken by "completed" reads the cost in that same answer: the cost is written with the
+    completion, not a moment after it."""
+    seen = []
+    real_transition = VideoJob.transition
+
+    def transition(job, to, **fields):
+        won = real_transition(job, to, **fields)
+        if won and to == S.COMPLETED:  # the row as any reader sees it the moment it is completed
+            seen.append(VideoJob.objects.values_list("status", "cost_usd").get(pk=job.pk))
+        return won
+
+    monkeypatch.setattr(VideoJob, "transition", transition)
+    job = run_to_end(make_job(user))
+    assert seen == [(S.COMPLETED, Decimal("0"))] and job.cost_usd == 0  # your own GPU: i2v pays nothing
