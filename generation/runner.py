@@ -13,7 +13,6 @@ resumed by the next one without a second `POST /prompt`:
 import io
 import logging
 import mimetypes
-import random
 import threading
 import time
 import uuid
@@ -318,9 +317,7 @@ def claim_ids(job):
     if job.prompt_id:
         return None
     url, token, place = target_for(job)
-    fields = dict(prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url,
-                  seed=job.seed if job.seed is not None else random.randrange(0, 2**53),
-                  instance_id=place.instance_id, gpu_class=place.gpu_class)
+    fields = dict(scheduler.claim_fields(url, place), seed=job.seed if job.seed is not None else scheduler.new_seed())
     if not VideoJob.objects.filter(pk=job.pk, prompt_id="").update(submit_count=F("submit_count") + 1, **fields):
         job.refresh_from_db()  # another worker claimed it just now: its ids hold
         return None
@@ -578,7 +575,7 @@ def _conclude(job, item, progress=None, client=None):
     # compare-and-set on its status (a job cancelled meanwhile is not overwritten).
     if job.is_terminal:
         return
-    if outcome != "success" and progress is not None and progress.current is None and progress.timings:
+    if outcome != "success" and progress is not None and progress.timings:
         progress._save()  # the timing of the node that ran last, which on_end closed
     if outcome == "interrupted":
         job.transition(S.CANCELLED, error="Cancelled: the run was interrupted on ComfyUI.")

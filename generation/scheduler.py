@@ -586,6 +586,19 @@ def _hex(job_id) -> str:
     return str(uuid.UUID(job_id)) if isinstance(job_id, str) else str(job_id)
 
 
+def claim_fields(url: str, place) -> dict:
+    """A run's claim: the URL it is posted to and the ids it is posted with, stored (the writer also
+    counting the submit) before anything is posted, so a crash after the POST finds them and does
+    not post again. Written by the binding on a ready GPU, else by the worker (runner.claim_ids)."""
+    return dict(prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=url,
+                instance_id=place.instance_id, gpu_class=place.gpu_class)
+
+
+def new_seed() -> int:
+    """The seed of a run that was sent none."""
+    return random.randrange(0, 2**53)
+
+
 def _bind(binds, gpu_places, result, now):
     """Compare-and-set each job onto its place; the worker is handed each one after commit.
 
@@ -604,9 +617,8 @@ def _bind(binds, gpu_places, result, now):
                 fields.update(instance_id=place.instance_id)
                 capacity.touch_instance(place.instance_id, now)
             if place.ready_at is None and place.url:
-                seed = random.randrange(0, 2**53)
-                fields.update(prompt_id=str(uuid.uuid4()), client_id=uuid.uuid4().hex, comfyui_url=place.url,
-                              instance_id=place.instance_id, gpu_class=place.gpu_class)
+                seed = new_seed()
+                fields.update(claim_fields(place.url, place))
                 counted = {"submit_count": F("submit_count") + 1, "seed": Coalesce(F("seed"), Value(seed))}
                 result.claimed_seed[str(job_id)] = seed
         won = VideoJob.objects.filter(pk=job_id, place="", prompt_id="", status__in=WAITING).update(**fields, **counted)
