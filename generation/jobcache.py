@@ -97,7 +97,8 @@ def shows(fields):
 
 
 def _forget_instance(sender, instance, update_fields=None, created=False, **kwargs):
-    # A job just created has no answer cached: its id was new (a GET of an unknown id caches nothing).
+    # A job just created has no answer cached (a GET of an unknown id caches nothing) and no waiter
+    # (a wait is on a job's id, told to nobody yet): nothing to drop, nobody to wake.
     if not created and (update_fields is None or shows(update_fields)):
         forget(instance.pk)
         waiting.announce(instance.pk)

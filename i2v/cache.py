@@ -15,30 +15,25 @@ import threading
 
 from django.core.cache.backends import redis as django_redis
 
-_pools = {}  # (server URL, options) -> the process's pool
-_clients = {}  # id(pool) -> a redis.Redis on it
+_clients = {}  # (server URL, pool options) -> the process's redis.Redis, on the process's pool for it
 _lock = threading.Lock()
 
 
 class RedisCacheClient(django_redis.RedisCacheClient):
-    def _get_connection_pool(self, write):
-        index = self._get_connection_pool_index(write)
-        key = (self._servers[index], repr(sorted(self._pool_options.items())))
-        pool = _pools.get(key)
-        if pool is None:
-            with _lock:
-                pool = _pools.get(key)
-                if pool is None:
-                    pool = _pools[key] = self._pool_class.from_url(self._servers[index], **self._pool_options)
-        return pool
-
     def get_client(self, key=None, *, write=False):
-        pool = self._get_connection_pool(write)
-        client = _clients.get(id(pool))
+        server = self._servers[self._get_connection_pool_index(write)]
+        found = (server, repr(sorted(self._pool_options.items())))
+        client = _clients.get(found)
         if client is None:
             with _lock:
-                client = _clients.setdefault(id(pool), self._client(connection_pool=pool))
+                client = _clients.get(found)
+                if client is None:
+                    pool = self._pool_class.from_url(server, **self._pool_options)
+                    client = _clients[found] = self._client(connection_pool=pool)
         return client
+
+    def _get_connection_pool(self, write):
+        return self.get_client(write=write).connection_pool
 
 
 class RedisCache(django_redis.RedisCache):
