@@ -1,6 +1,20 @@
 import os
 
+import django
+from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.test.utils import override_settings
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "i2v.settings")
-application = get_asgi_application()
+django.setup(set_prefix=False)
+
+from servestatic import ServeStaticASGI  # noqa: E402  (after Django is set up)
+
+from i2v.middleware import on_the_loop  # noqa: E402
+from i2v.static import serve  # noqa: E402
+
+# The handler loads its middlewares when built: Django's, with their hooks on the event loop
+# (i2v/middleware.py). Static files are answered in front of it (i2v/static.py).
+with override_settings(MIDDLEWARE=on_the_loop(settings.MIDDLEWARE)):
+    application = get_asgi_application()
+application = serve(ServeStaticASGI, application)

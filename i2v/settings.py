@@ -75,7 +75,6 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
-    "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
@@ -90,8 +89,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Under ASGI (`make run`) the handler runs these as i2v/middleware.py's subclasses, whose
+    # hooks run on the event loop (no thread hop per hook and request). Static files are answered
+    # before Django, by servestatic (i2v/static.py).
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -205,7 +206,7 @@ R2_CLIENT_CONFIG = {
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    "staticfiles": {"BACKEND": "servestatic.storage.CompressedStaticFilesStorage"},
 }
 if R2_BUCKET:
     from boto3.s3.transfer import TransferConfig

@@ -95,7 +95,9 @@ def test_make_run_steps_serve_web_and_worker_and_stop_on_ctrl_c(tmp_path):
         for asset in assets:
             assert asset.startswith("/"), asset
             assert httpx.get(f"{base}{asset}").status_code == 200, asset
-        assert httpx.get(f"{base}/static/css/i2v.css").status_code == 200
+        css = httpx.get(f"{base}/static/css/i2v.css")  # served in front of Django (i2v/static.py)
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        assert css.headers["x-content-type-options"] == "nosniff"
         assert httpx.get(f"{base}/api/gpu/config").status_code == 401
         ok = httpx.get(f"{base}/api/gpu/config", headers={"Authorization": f"Bearer {token}"})
         assert ok.status_code == 200 and ok.json()["gpu_provider"] == "none"

@@ -1,0 +1,87 @@
+"""The middleware chain as `make run` serves it (ASGI), where i2v/middleware.py runs Django's hooks
+on the event loop: logging in, CSRF, flash messages and the security headers behave as they do
+under WSGI. Driven by Django's AsyncClient (the async handler and middleware chain)."""
+
+import re
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient
+
+from generation.models import VideoJob
+from i2v.middleware import on_the_loop
+
+
+@pytest.fixture(autouse=True)
+def _as_served(settings):
+    """The middlewares as i2v/asgi.py builds the handler with them."""
+    settings.MIDDLEWARE = on_the_loop(settings.MIDDLEWARE)
+
+
+def test_asgi_runs_every_django_middleware_with_hooks_on_the_loop():
+    from i2v import middleware
+    from i2v.asgi import application
+
+    django_app = application.application  # behind the static files
+    chain, handler = [], django_app._middleware_chain
+    while handler is not None:  # each middleware wrapped by Django's exception handler
+        chain.append(type(handler))
+        handler = getattr(handler, "__wrapped__", None) or getattr(handler, "get_response", None)
+    ours = {cls for cls in chain if issubclass(cls, middleware.OnTheLoop)}
+    assert ours == set(middleware.ON_THE_LOOP.values())
+
+
+def call(client, method, path, **kwargs):
+    return async_to_sync(getattr(client, method))(path, **kwargs)
+
+
+def log_in(client):
+    page = call(client, "get", "/accounts/login/")
+    assert page.status_code == 200
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode()).group(1)
+    return page, call(client, "post", "/accounts/login/", data={"username": "alice", "password": "alice-pass-123",
+                                                                  "csrfmiddlewaretoken": token})
+
+
+def test_logging_in_keeps_the_session_and_answers_carry_the_security_headers(user):
+    client = AsyncClient()
+    page, done = log_in(client)
+    assert "csrftoken" in page.cookies
+    assert page["X-Frame-Options"] == "DENY"
+    assert page["X-Content-Type-Options"] == "nosniff"
+    assert "script-src" in page["Content-Security-Policy"]
+    assert done.status_code == 302, done.content[:300]
+    assert "sessionid" in done.cookies  # the changed session was saved (on a thread)
+    home = call(client, "get", "/")
+    assert home.status_code == 200 and b"alice" in home.content
+
+
+def test_a_form_post_without_the_csrf_token_is_refused(user):
+    client = AsyncClient(enforce_csrf_checks=True)
+    resp = call(client, "post", "/accounts/login/", data={"username": "alice", "password": "alice-pass-123"})
+    assert resp.status_code == 403
+    assert "sessionid" not in resp.cookies
+
+
+def test_a_flash_message_shows_once(user, settings):
+    settings.I2V_GPU_PROVIDER = "none"
+    job = VideoJob.objects.create(owner=user, input_image="inputs/x.png", prompt="p", workflow_slug="smoke",
+                                  width=64, height=64, frames=17, fps=8)
+    client = AsyncClient()
+    log_in(client)
+    page = call(client, "get", f"/jobs/{job.id}/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode()).group(1)
+    resp = call(client, "post", f"/jobs/{job.id}/cancel", data={"csrfmiddlewaretoken": token})
+    assert resp.status_code == 302
+    shown = call(client, "get", f"/jobs/{job.id}/")
+    assert b"The job was cancelled." in shown.content
+    again = call(client, "get", f"/jobs/{job.id}/")
+    assert b"The job was cancelled." not in again.content
+
+
+@pytest.mark.parametrize("path", ["/api/ping", "/api/gpu/config"])
+def test_an_api_request_by_token_sets_no_cookie(path, token):
+    resp = call(AsyncClient(), "get", path, headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200
+    assert not resp.cookies
+    assert resp["X-Content-Type-Options"] == "nosniff"
