@@ -39,6 +39,10 @@ S = VideoJob.Status
 
 MAX_SUBMITS = 2  # the first submission, plus one resubmission if ComfyUI lost the run
 POLL_EVERY = 2.0  # seconds between /history checks while the websocket is quiet
+# Progress is written at most this often: every write is also a wake-up for each page and script
+# waiting on the job. A short workflow sends its node events milliseconds apart; a held-back write
+# goes out when its time comes, whether or not another event arrives.
+SAVE_EVERY = 0.25
 UNREACHABLE_GRACE = settings.I2V_COMFYUI_GRACE  # seconds ComfyUI may stay unreachable before the job fails
 UNREACHABLE_PAUSE = 2.0  # seconds between tries while ComfyUI is unreachable (not a tight loop through the queue)
 STORAGE_GRACE = 120  # seconds the storage (R2) may keep refusing a finished video before the job fails
@@ -391,6 +395,7 @@ class Progress:
         self.cached: set[str] = set()
         self.estimate = progress_model.Estimate(progress_model.expected_seconds(progress_model.past_timings(job)))
         self.last_save = 0.0
+        self.held: dict | None = None  # a write held back (SAVE_EVERY), with its extra fields
 
     def _now(self) -> float:
         """Seconds since the run was submitted (the origin of node_timings)."""
@@ -433,9 +438,19 @@ class Progress:
         self._close()
 
     def tick(self):
-        """Between events (a long VAE decode sends none): move progress and the ETA on by time."""
-        if time.monotonic() - self.last_save >= 1.0 and self.current is not None:
-            self._save()
+        """After each event and between events: write what was held back once it is due, and move
+        progress and the ETA on by time when events pause (a long VAE decode sends none)."""
+        since = time.monotonic() - self.last_save
+        if self.held is not None and since >= SAVE_EVERY:
+            self.write(**self.held)
+        elif since >= 1.0 and self.current is not None:
+            self.write()
+
+    def due_in(self) -> float | None:
+        """Seconds until the write held back is due; None when none is."""
+        if self.held is None:
+            return None
+        return max(0.0, self.last_save + SAVE_EVERY - time.monotonic())
 
     def _estimate(self, step, total):
         if not self.estimate.known:
@@ -462,9 +477,18 @@ class Progress:
                 "node_timings": self.timings, "eta_at": eta, **extra}
 
     def _save(self, **extra):
+        """Write now, or hold the write back until SAVE_EVERY has passed since the last one (the
+        first, which moves a submitted job to running, is never held)."""
+        if self.job.status != S.SUBMITTED and time.monotonic() - self.last_save < SAVE_EVERY:
+            self.held = {**(self.held or {}), **extra}
+            return
+        self.write(**{**(self.held or {}), **extra})
+
+    def write(self, **extra):
         job = self.job
         fields = self.fields(**extra)
         self.last_save = time.monotonic()
+        self.held = None
         if job.status == S.SUBMITTED:
             job.transition(S.RUNNING, **fields)
         else:
@@ -488,20 +512,25 @@ def follow(job, deadline, conn):
     last_poll = time.monotonic()
     while item is None:
         if time.monotonic() >= deadline:
+            if progress.held is not None:
+                progress.write(**progress.held)  # the next slice starts from the row
             return
         if _timed_out(job):
             client.cancel(job.prompt_id)
             raise JobFailed(f"The job took longer than {settings.I2V_JOB_TIMEOUT} s and was stopped.")
         ended = False
         if conn.events is not None:
+            wait = min(1.0, max(0.05, deadline - time.monotonic()))
+            if progress.due_in() is not None:
+                wait = min(wait, progress.due_in())
             try:
-                ev = conn.events.next(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                ev = conn.events.next(timeout=wait)
             except ComfyUIError:
                 conn.drop_events()  # socket dropped: poll instead
                 ev = None
             if ev is not None:
                 ended = _on_event(job, progress, ev)
-            else:
+            if not ended:
                 progress.tick()
         else:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -576,7 +605,7 @@ def _conclude(job, item, progress=None, client=None):
     if job.is_terminal:
         return
     if outcome != "success" and progress is not None and progress.timings:
-        progress._save()  # the timing of the node that ran last, which on_end closed
+        progress.write()  # the timing of the node that ran last, which on_end closed
     if outcome == "interrupted":
         job.transition(S.CANCELLED, error="Cancelled: the run was interrupted on ComfyUI.")
         finish_accounting(job)

@@ -273,6 +273,7 @@ class ComfyUIDouble(LoopServer):
         self.vram_free = vram_free
         self.run_seconds = run_seconds
         self.steps_delay = steps_delay
+        self.emitted: list[dict] = []  # every websocket message sent, for tests to count
         self.fail_node = fail_node
         self.fail_message = fail_message
         self.fail_type = fail_type
@@ -833,6 +834,7 @@ class ComfyUIDouble(LoopServer):
 
     def _emit(self, event, data, sid=None):
         """Queue a JSON message for the socket `sid` (None: every socket), in order."""
+        self.emitted.append({"type": event, "data": data, "sid": sid})
         self._outbox.put_nowait((json.dumps({"type": event, "data": data}), sid))
 
     async def _publisher(self):

@@ -113,6 +113,31 @@ def test_smoke_job_completes_and_stores_the_video(configured, user, client):
     assert b"".join(full.streaming_content) == expected
 
 
+def test_a_burst_of_progress_events_is_written_at_most_four_times_a_second(configured, user):
+    """Every progress write wakes each page and script waiting on the job: a run whose node and
+    step events come milliseconds apart is written a few times, and its end holds everything."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    comfy = configured
+    comfy.steps_delay = 0.02  # its sampler steps and every node within ~0.1 s
+    job = make_job(user, workflow="wan22-i2v", seed=7)
+    started = time.monotonic()
+    with CaptureQueriesContext(connection) as queries:
+        job = run_to_end(job)
+    took = time.monotonic() - started
+    assert job.status == S.COMPLETED, job.error
+    events = [e for e in comfy.emitted if e["sid"] == job.client_id and e["type"] in ("executing", "progress")]
+    progress_writes = [q for q in queries.captured_queries
+                       if q["sql"].startswith("UPDATE") and "node_progress" in q["sql"] and "completed" not in q["sql"]]
+    assert len(events) >= 20
+    assert 1 <= len(progress_writes) <= 2 + 4 * took, (len(progress_writes), took)
+    # Nothing held back is lost: every step and every node that ran is on the finished job.
+    assert job.step == job.steps_total > 0
+    ran = {node for node, _, _, seconds in job.node_timings if seconds is not None} - {"upload"}  # (storing)
+    assert ran == {e["data"]["node"] for e in events if e["type"] == "executing" and e["data"]["node"]}
+
+
 def test_wan_job_reports_sampler_steps_mid_run(configured, user):
     comfy = configured
     comfy.hold = threading.Event()
