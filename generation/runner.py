@@ -446,6 +446,11 @@ class Progress:
         elif since >= 1.0 and self.current is not None:
             self.write()
 
+    def flush(self):
+        """Write what was held back, now."""
+        if self.held is not None:
+            self.write(**self.held)
+
     def due_in(self) -> float | None:
         """Seconds until the write held back is due; None when none is."""
         if self.held is None:
@@ -510,11 +515,27 @@ def follow(job, deadline, conn):
     progress = Progress(job)
     item = _check_history(client, job)
     last_poll = time.monotonic()
+    try:
+        item = _follow_events(job, deadline, conn, progress, item, last_poll)
+    except BaseException:
+        progress.flush()  # what was held back: the next slice starts from the row
+        raise
+    if item is None:  # the slice ran out
+        progress.flush()
+        return
+    # The websocket is closed with the connection (advance), once the video is stored: its close
+    # handshake on a thread of its own here took the CPU from the way to the video.
+    conn.run_ended = True
+    progress.on_end()
+    _conclude(job, item, progress, client)
+
+
+def _follow_events(job, deadline, conn, progress, item, last_poll):
+    """follow()'s loop: the history entry once the run ended, or None when `deadline` came first."""
+    client = conn.client
     while item is None:
         if time.monotonic() >= deadline:
-            if progress.held is not None:
-                progress.write(**progress.held)  # the next slice starts from the row
-            return
+            return None
         if _timed_out(job):
             client.cancel(job.prompt_id)
             raise JobFailed(f"The job took longer than {settings.I2V_JOB_TIMEOUT} s and was stopped.")
@@ -537,11 +558,7 @@ def follow(job, deadline, conn):
         if ended or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll = time.monotonic()
             item = _check_history(client, job)
-    # The websocket is closed with the connection (advance), once the video is stored: its close
-    # handshake on a thread of its own here took the CPU from the way to the video.
-    conn.run_ended = True
-    progress.on_end()
-    _conclude(job, item, progress, client)
+    return item
 
 
 def _timed_out(job) -> bool:
