@@ -394,8 +394,9 @@ class Progress:
         self.timings = [list(entry) for entry in (job.node_timings or [])]
         self.cached: set[str] = set()
         self.estimate = progress_model.Estimate(progress_model.expected_seconds(progress_model.past_timings(job)))
+        self.current_node = job.current_node
         self.last_save = 0.0
-        self.held: dict | None = None  # a write held back (SAVE_EVERY), with its extra fields
+        self.held = False  # a write held back (SAVE_EVERY)
 
     def _now(self) -> float:
         """Seconds since the run was submitted (the origin of node_timings)."""
@@ -430,7 +431,8 @@ class Progress:
         graph = self.job.workflow.graph if self.job.workflow else {}
         class_type = (graph.get(str(node)) or {}).get("class_type", "")
         self.timings.append([str(node), class_type, self._now(), None])
-        self._save(current_node=str(node))
+        self.current_node = str(node)
+        self._save()
 
     def on_end(self):
         """The run ended: the node that ran last is closed here and saved with the job's next write
@@ -441,19 +443,17 @@ class Progress:
         """After each event and between events: write what was held back once it is due, and move
         progress and the ETA on by time when events pause (a long VAE decode sends none)."""
         since = time.monotonic() - self.last_save
-        if self.held is not None and since >= SAVE_EVERY:
-            self.write(**self.held)
-        elif since >= 1.0 and self.current is not None:
+        if (self.held and since >= SAVE_EVERY) or (since >= 1.0 and self.current is not None):
             self.write()
 
     def flush(self):
         """Write what was held back, now."""
-        if self.held is not None:
-            self.write(**self.held)
+        if self.held:
+            self.write()
 
     def due_in(self) -> float | None:
         """Seconds until the write held back is due; None when none is."""
-        if self.held is None:
+        if not self.held:
             return None
         return max(0.0, self.last_save + SAVE_EVERY - time.monotonic())
 
@@ -471,7 +471,7 @@ class Progress:
         value, left = self.estimate.at(done, current[0] if current else None, fraction, elapsed)
         return round(value, 4), progress_model.eta_at(left)
 
-    def fields(self, **extra) -> dict:
+    def fields(self) -> dict:
         """The job's progress columns as the events so far have them."""
         job = self.job
         step = sum(v for v, _ in self.nodes.values())
@@ -479,21 +479,21 @@ class Progress:
         value, eta = self._estimate(min(step, total), total)
         return {"node_progress": self.nodes, "step": min(step, total), "steps_total": total,
                 "progress": max(value, job.progress if job.status == S.RUNNING else 0.0),
-                "node_timings": self.timings, "eta_at": eta, **extra}
+                "node_timings": self.timings, "current_node": self.current_node, "eta_at": eta}
 
-    def _save(self, **extra):
+    def _save(self):
         """Write now, or hold the write back until SAVE_EVERY has passed since the last one (the
         first, which moves a submitted job to running, is never held)."""
         if self.job.status != S.SUBMITTED and time.monotonic() - self.last_save < SAVE_EVERY:
-            self.held = {**(self.held or {}), **extra}
+            self.held = True
             return
-        self.write(**{**(self.held or {}), **extra})
+        self.write()
 
-    def write(self, **extra):
+    def write(self):
         job = self.job
-        fields = self.fields(**extra)
+        fields = self.fields()
         self.last_save = time.monotonic()
-        self.held = None
+        self.held = False
         if job.status == S.SUBMITTED:
             job.transition(S.RUNNING, **fields)
         else:
@@ -514,9 +514,8 @@ def follow(job, deadline, conn):
     conn.open_events(job.client_id)
     progress = Progress(job)
     item = _check_history(client, job)
-    last_poll = time.monotonic()
     try:
-        item = _follow_events(job, deadline, conn, progress, item, last_poll)
+        item = _follow_events(job, deadline, conn, progress, item)
     except BaseException:
         progress.flush()  # what was held back: the next slice starts from the row
         raise
@@ -530,9 +529,10 @@ def follow(job, deadline, conn):
     _conclude(job, item, progress, client)
 
 
-def _follow_events(job, deadline, conn, progress, item, last_poll):
+def _follow_events(job, deadline, conn, progress, item):
     """follow()'s loop: the history entry once the run ended, or None when `deadline` came first."""
     client = conn.client
+    last_poll = time.monotonic()
     while item is None:
         if time.monotonic() >= deadline:
             return None
@@ -542,8 +542,9 @@ def _follow_events(job, deadline, conn, progress, item, last_poll):
         ended = False
         if conn.events is not None:
             wait = min(1.0, max(0.05, deadline - time.monotonic()))
-            if progress.due_in() is not None:
-                wait = min(wait, progress.due_in())
+            due = progress.due_in()
+            if due is not None:
+                wait = min(wait, due)
             try:
                 ev = conn.events.next(timeout=wait)
             except ComfyUIError:

@@ -136,6 +136,7 @@ def test_a_burst_of_progress_events_is_written_at_most_four_times_a_second(confi
     assert job.step == job.steps_total > 0
     ran = {node for node, _, _, seconds in job.node_timings if seconds is not None} - {"upload"}  # (storing)
     assert ran == {e["data"]["node"] for e in events if e["type"] == "executing" and e["data"]["node"]}
+    assert job.current_node == [e["data"]["node"] for e in events if e["type"] == "executing" and e["data"]["node"]][-1]
 
 
 def test_wan_job_reports_sampler_steps_mid_run(configured, user):
