@@ -43,12 +43,15 @@ class WakingORM(ORM):
         return pk
 
     def dequeue(self):
+        # Listen before looking: a task enqueued between an empty look and the LISTEN (or the
+        # socket's bind) would otherwise wake nobody and wait out the whole poll.
+        waiter = self._waiter or _waiter_for(Conf.ORM or "default")
+        waiter.listen()
+        self._waiter = waiter
         tasks = self._take()
         if tasks:
             return tasks
-        if self._waiter is None:
-            self._waiter = _waiter_for(Conf.ORM or "default")
-        self._waiter.wait(Conf.POLL)
+        waiter.wait(Conf.POLL)
         return self._take()
 
     def _take(self):
@@ -74,12 +77,23 @@ class _PostgresListener:
         self.alias = alias
         self.conn = None
 
-    def wait(self, timeout):
+    def listen(self):
+        if self.conn is not None and not self.conn.closed:
+            return
         try:
-            if self.conn is None or self.conn.closed:
-                params = connections[self.alias].get_connection_params()
-                self.conn = psycopg.connect(**params, autocommit=True)
-                self.conn.execute(f"LISTEN {CHANNEL}")
+            params = connections[self.alias].get_connection_params()
+            self.conn = psycopg.connect(**params, autocommit=True)
+            self.conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            log.warning("queue wake-ups unavailable (%s); polling", exc)
+            self.conn = None
+
+    def wait(self, timeout):
+        if self.conn is None:
+            time.sleep(timeout)
+            return
+        try:
+            # A NOTIFY that came after the LISTEN waits in the socket until this reads it.
             for _ in self.conn.notifies(timeout=timeout, stop_after=1):
                 pass
         except psycopg.Error as exc:
@@ -100,6 +114,9 @@ class _LocalSocket:
         except OSError:  # another cluster on this database holds it: poll as django-q2 does
             self.sock.close()
             self.sock = None
+
+    def listen(self):
+        pass  # bound when made
 
     @staticmethod
     def address(alias) -> str:

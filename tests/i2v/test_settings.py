@@ -102,6 +102,48 @@ def test_orm_broker_wakes_its_waiting_pusher_on_enqueue(monkeypatch):
     broker.purge_queue()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_orm_broker_hears_a_task_enqueued_just_after_its_empty_look(monkeypatch):
+    """A task enqueued between the pusher's empty look and its wait (the queue's busiest moment)
+    still wakes it at once: the pusher listens before it looks, so that wake-up is not lost and
+    the task does not wait out the poll (60 s here)."""
+    import threading
+
+    from django.db import connection as db
+    from django_q.conf import Conf
+
+    from i2v.broker import WakingORM
+
+    monkeypatch.setattr(Conf, "POLL", 60)
+    broker = WakingORM(list_key="i2v-test-gap")
+    broker.purge_queue()
+    take = broker._take
+    looks = []
+
+    def take_then_enqueue():
+        found = take()
+        if not looks:  # right after the first, empty look
+            WakingORM(list_key="i2v-test-gap").enqueue("payload-gap")
+        looks.append(found)
+        return found
+
+    monkeypatch.setattr(broker, "_take", take_then_enqueue)
+    got = []
+
+    def pusher():
+        try:
+            got.append(broker.dequeue())
+        finally:
+            db.close()
+
+    waiter = threading.Thread(target=pusher, daemon=True)
+    waiter.start()
+    waiter.join(timeout=20)
+    assert not waiter.is_alive(), "the wake-up sent between the look and the wait was lost"
+    assert looks[0] is None and got[0][0][1] == "payload-gap"
+    broker.purge_queue()
+
+
 def r2_storage(tmp_path, monkeypatch, endpoint, **extra):
     from storages.backends.s3 import S3Storage
 
