@@ -198,7 +198,8 @@ def advance(job_id, deadline: float) -> bool:
             conn.close()
     if hasattr(job, "learn_run"):  # the run ended on the GPU in this slice (_conclude)
         scheduler.record_run(job, *job.learn_run)
-    job.refresh_from_db()
+    if not job.is_terminal:  # (a terminal status in hand is this worker's own compare-and-set: final)
+        job.refresh_from_db()
     return job.is_terminal
 
 

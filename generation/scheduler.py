@@ -38,8 +38,8 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Case, Count, F, FloatField, Value, When
+from django.db.models.functions import Cast, Coalesce, Least
 from django.utils import timezone
 
 from generation import failures
@@ -798,13 +798,21 @@ def record_run(job: VideoJob, seconds: float | None = None) -> None:
     seconds = max(seconds, 0.001)  # ComfyUI's timestamps are in ms: a trivial run can report 0
     key = dict(workflow_slug=job.workflow_slug, width=job.width, height=job.height, frames=job.frames,
                gpu_class=job.gpu_class)
-    with transaction.atomic():
-        stat, _ = RunStat.objects.select_for_update().get_or_create(**key)
-        # A moving mean over about the last ten runs: GPUs and drivers change.
-        weight = 1.0 / min(stat.runs + 1, 10)
-        stat.mean_seconds = seconds if stat.runs == 0 else stat.mean_seconds + weight * (seconds - stat.mean_seconds)
-        stat.runs += 1
-        stat.save(update_fields=["mean_seconds", "runs", "updated_at"])
+    if not _learn(key, seconds):  # the first run of its kind (a concurrent first one may make the row first)
+        RunStat.objects.get_or_create(**key)
+        _learn(key, seconds)
+
+
+def _learn(key: dict, seconds: float) -> int:
+    """Add one run to its kind's moving mean over about the last ten runs (GPUs and drivers change),
+    computed by the database in the UPDATE itself: one statement, and two workers learning at
+    once each add theirs. 0 when the kind has no row yet."""
+    runs = Cast(F("runs"), FloatField())
+    return RunStat.objects.filter(**key).update(
+        mean_seconds=Case(When(runs=0, then=Value(seconds)),
+                          default=F("mean_seconds") + (Value(seconds) - F("mean_seconds")) / Least(runs + 1.0, Value(10.0)),
+                          output_field=FloatField()),
+        runs=F("runs") + 1, updated_at=timezone.now())
 
 
 # ---------------------------------------------------------------------- after the pass

@@ -211,6 +211,25 @@ def test_finished_runs_teach_the_expected_run_time(one_gpu, user):
     assert RunStat.objects.get().runs == 2
 
 
+def test_the_expected_run_time_is_a_mean_over_about_the_last_ten_runs(user):
+    """The first run sets it; the next nine average in; after that each run moves it a tenth of
+    the way, so a GPU that got faster is believed within a few dozen runs."""
+    kind = VideoJob(workflow_slug="smoke", width=64, height=64, frames=17, gpu_class="RTX 4090")
+    other = VideoJob(workflow_slug="smoke", width=64, height=64, frames=17, gpu_class="RTX 5090")
+    scheduler.record_run(kind, 10.0)
+    scheduler.record_run(other, 3.0)
+    assert RunStat.objects.get(gpu_class="RTX 4090").mean_seconds == 10.0
+    scheduler.record_run(kind, 20.0)
+    assert RunStat.objects.get(gpu_class="RTX 4090").mean_seconds == pytest.approx(15.0)
+    for _ in range(8):
+        scheduler.record_run(kind, 15.0)
+    assert RunStat.objects.get(gpu_class="RTX 4090").mean_seconds == pytest.approx(15.0)
+    scheduler.record_run(kind, 25.0)  # the eleventh: a tenth of the way
+    stat = RunStat.objects.get(gpu_class="RTX 4090")
+    assert (stat.runs, stat.mean_seconds) == (11, pytest.approx(16.0))
+    assert RunStat.objects.get(gpu_class="RTX 5090").mean_seconds == 3.0  # each kind learns its own
+
+
 def test_parallel_passes_never_bind_one_slot_twice(one_gpu, user):
     GpuConfig.objects.filter(pk=1).update(slots_per_gpu=3)
     jobs = [make_job(user, place=False) for _ in range(12)]
