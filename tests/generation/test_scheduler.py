@@ -8,6 +8,7 @@ from decimal import Decimal
 import pytest
 from django.contrib.auth import get_user_model
 from django.db import connection
+from django.db.models import F
 from django.utils import timezone
 
 from generation import scheduler, tasks
@@ -272,6 +273,50 @@ def test_a_pass_is_skipped_only_once_a_later_one_has_seen_the_change(one_gpu, us
     job = make_job(user, place=False)
     assert not scheduler.run_pass(seen=seen).skipped and _state([job]) == ["config"]
     assert scheduler.run_pass(seen=seen).skipped
+
+
+def test_a_pass_for_a_committed_change_waits_its_turn_and_skips_when_two_later_passes_saw_it(one_gpu, user):
+    """A request's pass (place_now) takes the lock when it is free, with no count read. When
+    another pass holds the lock, the request reads the count and waits; if two passes ran
+    meanwhile (the second began after the change), it skips: a burst still runs two passes."""
+    from django.db import connection, transaction
+
+    from generation.models import SchedulerState
+
+    if not connection.features.has_select_for_update_skip_locked:
+        pytest.skip("SQLite: no row locks, the count is read before the pass as before")
+    scheduler.run_pass()  # the state row exists
+    job = make_job(user, place=False)
+    held, release, outcome = threading.Event(), threading.Event(), {}
+
+    def other_pass():  # a pass in another process, holding the lock until told
+        try:
+            with transaction.atomic():
+                SchedulerState.objects.select_for_update().get(pk=1)
+                held.set()
+                release.wait(10)
+                SchedulerState.objects.filter(pk=1).update(passes=F("passes") + 2)  # two passes' worth
+        finally:
+            connection.close()
+
+    def request():
+        try:
+            outcome["result"] = scheduler.place_now()
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=other_pass)
+    holder.start()
+    assert held.wait(10)
+    asker = threading.Thread(target=request)
+    asker.start()
+    asker.join(0.5)
+    assert asker.is_alive(), "the request's pass ran while another held the lock"
+    release.set()
+    holder.join(10), asker.join(10)
+    assert outcome["result"].skipped and _state([job]) == ["-"]
+    # With the lock free, the next request's pass runs and places it.
+    assert not scheduler.place_now().skipped and _state([job]) == ["config"]
 
 
 def test_no_gpu_configured_fails_waiting_jobs_with_what_to_set(requeued, user):  # noqa: F811
