@@ -69,20 +69,13 @@ def test_redis_broker_round_trip():
     broker.connection.delete(broker.list_key)
 
 
-@pytest.mark.django_db(transaction=True)
-def test_orm_broker_wakes_its_waiting_pusher_on_enqueue(monkeypatch):
-    """The idle pusher of the embedded default is woken by an enqueue, not by its poll: with a
-    poll of 60 s, a task enqueued while it waits still comes out within seconds."""
+def _start_pusher(broker):
+    """The cluster's pusher, as django-q2 runs it: one dequeue on a thread of its own.
+    Returns (the thread, the list that gets what the dequeue returned)."""
     import threading
 
     from django.db import connection as db
-    from django_q.conf import Conf
 
-    from i2v.broker import WakingORM
-
-    monkeypatch.setattr(Conf, "POLL", 60)
-    broker = WakingORM(list_key="i2v-test-wake")
-    broker.purge_queue()
     got = []
 
     def pusher():
@@ -91,8 +84,25 @@ def test_orm_broker_wakes_its_waiting_pusher_on_enqueue(monkeypatch):
         finally:
             db.close()
 
-    waiter = threading.Thread(target=pusher, daemon=True)
-    waiter.start()
+    thread = threading.Thread(target=pusher, daemon=True)
+    thread.start()
+    return thread, got
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_broker_wakes_its_waiting_pusher_on_enqueue(monkeypatch):
+    """The idle pusher of the embedded default is woken by an enqueue, not by its poll: with a
+    poll of 60 s, a task enqueued while it waits still comes out within seconds."""
+    import threading
+
+    from django_q.conf import Conf
+
+    from i2v.broker import WakingORM
+
+    monkeypatch.setattr(Conf, "POLL", 60)
+    broker = WakingORM(list_key="i2v-test-wake")
+    broker.purge_queue()
+    waiter, got = _start_pusher(broker)
     while waiter.is_alive() and broker._waiter is None:  # until it sleeps on its wake-up
         threading.Event().wait(0.01)
     WakingORM(list_key="i2v-test-wake").enqueue("payload-1")
@@ -107,9 +117,6 @@ def test_orm_broker_hears_a_task_enqueued_just_after_its_empty_look(monkeypatch)
     """A task enqueued between the pusher's empty look and its wait (the queue's busiest moment)
     still wakes it at once: the pusher listens before it looks, so that wake-up is not lost and
     the task does not wait out the poll (60 s here)."""
-    import threading
-
-    from django.db import connection as db
     from django_q.conf import Conf
 
     from i2v.broker import WakingORM
@@ -128,16 +135,7 @@ def test_orm_broker_hears_a_task_enqueued_just_after_its_empty_look(monkeypatch)
         return found
 
     monkeypatch.setattr(broker, "_take", take_then_enqueue)
-    got = []
-
-    def pusher():
-        try:
-            got.append(broker.dequeue())
-        finally:
-            db.close()
-
-    waiter = threading.Thread(target=pusher, daemon=True)
-    waiter.start()
+    waiter, got = _start_pusher(broker)
     waiter.join(timeout=20)
     assert not waiter.is_alive(), "the wake-up sent between the look and the wait was lost"
     assert looks[0] is None and got[0][0][1] == "payload-gap"
