@@ -439,7 +439,7 @@ def passes_so_far() -> int:
     return SchedulerState.objects.filter(pk=1).values_list("passes", flat=True).first() or 0
 
 
-def run_pass(now: datetime | None = None, seen: int | None = None) -> PassResult:
+def run_pass(now: datetime | None = None, seen: int | str | None = None) -> PassResult:
     """One scheduling pass: requeue jobs whose place is gone, bind waiting jobs to free slots,
     decide scale out and in. Safe to run from any number of workers at once.
 
