@@ -530,10 +530,46 @@ def follow(job, deadline, conn):
     _conclude(job, item, progress, client)
 
 
+class Heard:
+    """What the websocket told of this run. ComfyUI sends its client `execution_start`, each output
+    node's `executed` with its files (replayed for cached ones), `execution_success`, and only then
+    writes the history and sends `executing` with no node. A run whose whole course this socket
+    carried, from its start to its success, ends here without asking the history: a round trip
+    and the parse of a history entry (which holds the whole graph) fewer on the way to the video.
+    Any other run (it started before this socket opened, or it failed) asks the history."""
+
+    def __init__(self, prompt_id):
+        self.prompt_id = prompt_id
+        self.start = self.success = None
+        self.outputs = {}
+
+    def note(self, ev) -> None:
+        data = ev.get("data") or {}
+        if data.get("prompt_id") != self.prompt_id:
+            return
+        kind = ev.get("type")
+        if kind == "execution_start":
+            self.start, self.success, self.outputs = data.get("timestamp"), None, {}
+        elif kind == "executed" and self.start is not None and isinstance(data.get("output"), dict):
+            self.outputs[str(data.get("node"))] = data["output"]
+        elif kind == "execution_success" and self.start is not None:
+            self.success = data.get("timestamp")
+
+    def item(self) -> dict | None:
+        """The run as its history entry would show it (status, timestamps, outputs), once it
+        succeeded with an output; else None."""
+        if self.success is None or not self.outputs:
+            return None
+        messages = [["execution_start", {"prompt_id": self.prompt_id, "timestamp": self.start}],
+                    ["execution_success", {"prompt_id": self.prompt_id, "timestamp": self.success}]]
+        return {"status": {"status_str": "success", "completed": True, "messages": messages}, "outputs": self.outputs}
+
+
 def _follow_events(job, deadline, conn, progress, item):
     """follow()'s loop: the history entry once the run ended, or None when `deadline` came first."""
     client = conn.client
     last_poll = time.monotonic()
+    heard = Heard(job.prompt_id)
     while item is None:
         if time.monotonic() >= deadline:
             return None
@@ -553,6 +589,9 @@ def _follow_events(job, deadline, conn, progress, item):
                 ev = None
             if ev is not None:
                 ended = _on_event(job, progress, ev)
+                heard.note(ev)
+                if ev.get("type") == "execution_success" and (item := heard.item()) is not None:
+                    break
             if not ended:
                 progress.tick()
         else:

@@ -4,6 +4,7 @@ import threading
 import time
 from decimal import Decimal
 
+import httpx
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -11,7 +12,7 @@ from django.utils import timezone
 
 from generation import runner, scheduler, tasks
 from generation.domain import sync_shipped_workflows
-from generation.models import VideoJob, Workflow
+from generation.models import RunStat, VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
@@ -330,6 +331,23 @@ def test_a_job_waiting_for_an_unreachable_gpu_runs_once_the_url_is_fixed(comfy, 
 def test_no_gpu_configured_fails_clearly(requeued, user):
     job = run_to_end(make_job(user))
     assert job.status == S.FAILED and "No GPU is configured" in job.error
+
+
+def test_a_run_heard_whole_on_the_websocket_ends_without_asking_the_history_again(configured, user):
+    """The socket carried the run from execution_start to execution_success with its output: the
+    video is fetched at once, and the run time learnt from the events' timestamps."""
+    comfy = configured
+    comfy.run_seconds = 0.2
+    job = run_to_end(make_job(user))
+    assert job.status == S.COMPLETED, job.error
+    # Once, as following began (a run ComfyUI lost is found there); not again at the end.
+    assert comfy.count("GET", f"/history/{job.prompt_id}") == 1
+    out = job.provider_urls["output"]
+    assert default_storage.open(job.video.name).read() == comfy.output_bytes(out["filename"], out["subfolder"])
+    messages = dict(httpx.get(f"{comfy.url}/history/{job.prompt_id}").json()[job.prompt_id]["status"]["messages"])
+    ran = (messages["execution_success"]["timestamp"] - messages["execution_start"]["timestamp"]) / 1000
+    stat = RunStat.objects.get(workflow_slug=job.workflow_slug, gpu_class=job.gpu_class)
+    assert stat.runs == 1 and stat.mean_seconds == pytest.approx(ran)
 
 
 def test_dropped_websocket_falls_back_to_polling(configured, user):
