@@ -543,10 +543,11 @@ class Heard:
         self.start = self.success = None
         self.outputs = {}
 
-    def note(self, ev) -> None:
+    def note(self, ev) -> bool:
+        """Take one event; True when it is the success that completes the run heard whole (item())."""
         data = ev.get("data") or {}
         if data.get("prompt_id") != self.prompt_id:
-            return
+            return False
         kind = ev.get("type")
         if kind == "execution_start":
             self.start, self.success, self.outputs = data.get("timestamp"), None, {}
@@ -554,6 +555,8 @@ class Heard:
             self.outputs[str(data.get("node"))] = data["output"]
         elif kind == "execution_success" and self.start is not None:
             self.success = data.get("timestamp")
+            return self.item() is not None
+        return False
 
     def item(self) -> dict | None:
         """The run as its history entry would show it (status, timestamps, outputs), once it
@@ -589,8 +592,8 @@ def _follow_events(job, deadline, conn, progress, item):
                 ev = None
             if ev is not None:
                 ended = _on_event(job, progress, ev)
-                heard.note(ev)
-                if ev.get("type") == "execution_success" and (item := heard.item()) is not None:
+                if heard.note(ev):
+                    item = heard.item()
                     break
             if not ended:
                 progress.tick()
