@@ -403,6 +403,12 @@ class ComfyUIDouble(LoopServer):
             raise TimeoutError("the ComfyUI double never reached the hold point")
         return self.running_prompt_id
 
+    def next_hold(self, timeout=5.0) -> str | None:
+        """After release_once: block until the run waits at its next hold point (its prompt id is
+        returned) or no run is left (None)."""
+        self.wait_for(lambda c: c._held.is_set() or c.running_prompt_id is None, timeout)
+        return self.running_prompt_id if self._held.is_set() else None
+
     @property
     def running_prompt_id(self):
         return self._call(lambda: self._running.prompt_id if self._running else None)
