@@ -1,7 +1,9 @@
 """The app as `make run` starts it (gunicorn with ASGI workers + qcluster via `manage.py runall`),
 on a database of its own, for the benchmarks that drive it over HTTP."""
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,8 +37,10 @@ class App:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
+        data_dir = tempfile.mkdtemp(prefix=data_prefix)
+        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)  # its videos and SQLite file
         self.env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "HOST": "127.0.0.1", "PORT": str(self.port),
-                         "I2V_Q_NAME": f"i2v-bench-{self.port}", "I2V_DATA_DIR": tempfile.mkdtemp(prefix=data_prefix)})
+                         "I2V_Q_NAME": f"i2v-bench-{self.port}", "I2V_DATA_DIR": data_dir})
         if database:
             sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", database)
             sh("createdb", "-h", "127.0.0.1", "-U", "postgres", database)

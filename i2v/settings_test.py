@@ -1,9 +1,14 @@
 """Test settings: the real settings, with a throwaway data dir and a shareable test database."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
-os.environ.setdefault("I2V_DATA_DIR", tempfile.mkdtemp(prefix="i2v-test-"))
+if "I2V_DATA_DIR" not in os.environ:
+    # The run's own (a process a test starts inherits it): removed when the run ends.
+    os.environ["I2V_DATA_DIR"] = tempfile.mkdtemp(prefix="i2v-test-")
+    atexit.register(shutil.rmtree, os.environ["I2V_DATA_DIR"], ignore_errors=True)
 # django-q2 reads Q_CLUSTER once at import: a test-only queue name keeps Redis tidy.
 os.environ.setdefault("I2V_Q_NAME", "i2v-test")
 # vast.ai's minimum intervals between calls, a thousand times shorter: the doubles have no limits.
