@@ -232,14 +232,14 @@ def _render(job, base: str) -> bytes:
 
 def _answer(user, job_id, base: str = ""):
     """The rendered JSON of the job; from the shared cache when it has the job."""
-    cached = jobcache.get(job_id)
+    cached, version = jobcache.get(job_id)
     # The answer holds absolute URLs: one cached for another host name is not this one's.
     if cached is None or cached[1][0] != base:
         job = domain.read_job(user, job_id)
         if job is None:
             raise HttpError(404, "No such job.")
         cached = (job.owner_id, (base, _render(job, base)))
-        jobcache.put(job_id, *cached)
+        jobcache.put(job_id, *cached, version)
     owner_id, (_, body) = cached
     if owner_id != user.pk and not user.is_staff:
         raise HttpError(404, "No such job.")

@@ -348,6 +348,33 @@ def test_every_kind_of_job_write_shows_at_once_through_the_cache(api, job_cache,
     assert api.get(f"/api/jobs/{job_id}").status_code == 404
 
 
+def test_a_poll_that_read_the_job_just_before_it_changed_never_serves_the_old_answer_again(api, job_cache, enqueued,
+                                                                                         monkeypatch):
+    """A poll reads the row, then the worker's write commits, then the poll stores what it read
+    (its answer is the job as it was when it asked). The next poll answers the change, not that
+    old answer for the 30 s it is cached."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from generation import domain
+
+    job_id = post_image(api, {}, png_bytes()).json()["id"]
+    read_job = domain.read_job
+
+    def read_while_the_worker_writes(user, job_id):
+        job = read_job(user, job_id)
+        monkeypatch.setattr(domain, "read_job", read_job)
+        VideoJob.objects.filter(pk=job_id).update(step=2, steps_total=4, progress=0.5)
+        return job
+
+    monkeypatch.setattr(domain, "read_job", read_while_the_worker_writes)
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 0
+    assert api.get(f"/api/jobs/{job_id}").json()["step"] == 2
+    with CaptureQueriesContext(connection) as ctx:  # and the new answer is the one cached
+        assert api.get(f"/api/jobs/{job_id}").json()["step"] == 2
+    assert len(ctx.captured_queries) == 0
+
+
 def test_a_cached_job_is_still_404_for_other_users_and_visible_to_staff(api, client, other_token, staff_api,
                                                                        job_cache, enqueued):
     from tests.conftest import Api
