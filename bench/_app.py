@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PG = "postgres://postgres@127.0.0.1:5432"
 
 
+def throwaway_data_dir(prefix: str) -> str:
+    """A data folder (videos, SQLite file) for one benchmark run, removed when the run ends."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,10 +44,8 @@ class App:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "R2_BUCKET")}
-        data_dir = tempfile.mkdtemp(prefix=data_prefix)
-        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)  # its videos and SQLite file
         self.env.update({"DJANGO_SETTINGS_MODULE": "i2v.settings", "HOST": "127.0.0.1", "PORT": str(self.port),
-                         "I2V_Q_NAME": f"i2v-bench-{self.port}", "I2V_DATA_DIR": data_dir})
+                         "I2V_Q_NAME": f"i2v-bench-{self.port}", "I2V_DATA_DIR": throwaway_data_dir(data_prefix)})
         if database:
             sh("dropdb", "--if-exists", "--force", "-h", "127.0.0.1", "-U", "postgres", database)
             sh("createdb", "-h", "127.0.0.1", "-U", "postgres", database)

@@ -15,14 +15,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("I2V_DATA_DIR", tempfile.mkdtemp(prefix="i2v-bench-"))
+from _app import throwaway_data_dir  # noqa: E402  (bench/, beside this file)
+if "I2V_DATA_DIR" not in os.environ:
+    os.environ["I2V_DATA_DIR"] = throwaway_data_dir("i2v-bench-")
 os.environ["DJANGO_SETTINGS_MODULE"] = "i2v.settings"
 os.environ.setdefault("I2V_FOLLOW_SLICE", "600")
 
