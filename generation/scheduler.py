@@ -48,6 +48,7 @@ from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
 from i2v.core import queue as q_tasks
+from i2v.core.sql import columns, marks, prebuilt
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -114,8 +115,13 @@ class Estimator:
 
     @classmethod
     def load(cls, default: float) -> "Estimator":
-        stats = {(r.workflow_slug, r.width, r.height, r.frames, r.gpu_class): r.mean_seconds
-                 for r in RunStat.objects.filter(runs__gt=0)}
+        # Read by every pass: prebuilt SQL (i2v.core.sql); the values need no conversion.
+        sql = prebuilt("runstat.known", lambda q: "SELECT " + ", ".join(
+            q(RunStat, f) for f in ("workflow_slug", "width", "height", "frames", "gpu_class", "mean_seconds")
+        ) + f" FROM {q(RunStat)} WHERE {q(RunStat, 'runs')} > 0")
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            stats = {tuple(row[:5]): row[5] for row in cursor.fetchall()}
         return cls(stats, default)
 
     def __call__(self, kind: tuple, gpu_class: str) -> float:
@@ -486,14 +492,12 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
             running[owner] += 1
 
         counts, with_deadline = {}, 0
-        for owner, n, d in (VideoJob.objects.filter(place="", status__in=WAITING, cancel_requested=False)
-                            .values("owner_id").annotate(n=Count("id"), d=Count("deadline_at"))
-                            .values_list("owner_id", "n", "d")):
+        for owner, n, d in _waiting_counts():
             counts[owner] = n
             with_deadline += d
         result.waiting = sum(counts.values())
         owners = set(counts) | set(running)
-        quotas = {q.user_id: q for q in UserQuota.objects.filter(user_id__in=owners)}
+        quotas = _quotas(owners)
         default = UserQuota()
         weights = {u: quotas.get(u, default).weight for u in owners}
         fal_enabled = bool(settings.FAL_KEY)
@@ -552,6 +556,27 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
     return result
 
 
+def _waiting_counts() -> list[tuple]:
+    """(owner_id, waiting jobs, those with a deadline) per user with jobs waiting unplaced."""
+    sql = prebuilt("videojob.waiting_counts", lambda q: (
+        f"SELECT {q(VideoJob, 'owner')}, COUNT(*), COUNT({q(VideoJob, 'deadline_at')}) FROM {q(VideoJob)} "
+        f"WHERE {q(VideoJob, 'place')} = '' AND {q(VideoJob, 'status')} IN ({marks(len(WAITING))}) "
+        f"AND NOT {q(VideoJob, 'cancel_requested')} GROUP BY {q(VideoJob, 'owner')}"))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(WAITING))
+        return cursor.fetchall()
+
+
+def _quotas(owners) -> dict:
+    """The UserQuota rows of these users, by user id (a user without one has the defaults)."""
+    if not owners:
+        return {}
+    head = prebuilt("userquota.of", lambda q: f"SELECT {columns(UserQuota, q)} FROM {q(UserQuota)} "
+                                              f"WHERE {q(UserQuota, 'user')} IN ")
+    return {row.user_id: row for row in UserQuota.objects.raw(f"{head}({marks(len(owners))})", list(owners))}
+
+
+# The reads of a pass below are prebuilt SQL too (i2v.core.sql).
 _WAITING_SQL = {}
 
 

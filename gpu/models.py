@@ -6,6 +6,7 @@ from django.db import models
 from django.utils import timezone
 
 from i2v.core.crypto import EncryptedTextField
+from i2v.core.sql import columns, marks, prebuilt
 
 
 class GpuConfig(models.Model):
@@ -85,6 +86,10 @@ class GpuConfig(models.Model):
 
     @classmethod
     def get(cls):
+        # Read by every scheduling pass and every job's worker: prebuilt SQL (i2v.core.sql).
+        sql = prebuilt("gpuconfig", lambda q: f"SELECT {columns(cls, q)} FROM {q(cls)} WHERE {q(cls, 'id')} = %s")
+        for obj in cls.objects.raw(sql, [cls.SINGLETON_PK]):
+            return obj
         obj, _ = cls.objects.get_or_create(
             pk=cls.SINGLETON_PK,
             defaults={"comfyui_url": settings.COMFYUI_URL, "swarmui_url": settings.SWARMUI_URL},
@@ -122,6 +127,14 @@ class VastInstanceQuerySet(models.QuerySet):
     def under_spend_cap(self):
         """The instances the daily spend cap counts: the same consent as the reaper's."""
         return self.filter(auto_destroy=True)
+
+    def live_list(self) -> list["VastInstance"]:
+        """The live instances (a few rows at most), read by every scheduling pass: prebuilt SQL
+        (i2v.core.sql) instead of the 1.2 ms the ORM takes to compile the query."""
+        model, live = self.model, self.model.LIVE
+        sql = prebuilt("vastinstance.live", lambda q: f"SELECT {columns(model, q)} FROM {q(model)} "
+                                                      f"WHERE {q(model, 'state')} IN ({marks(len(live))})")
+        return list(self.raw(sql, list(live)))
 
     def reconcilable(self):
         """Rows the reconciler may destroy or relabel: never an adopted instance."""

@@ -43,7 +43,7 @@ def instance_for_url(url: str, config: GpuConfig | None = None, live: list[VastI
         return None
     url = url.rstrip("/")
     if live is None:
-        live = list(VastInstance.objects.filter(state__in=VastInstance.LIVE))  # a few rows at most
+        live = VastInstance.objects.live_list()
     found = max((i for i in live if i.comfyui_url in (url, url + "/")), key=lambda i: i.created_at, default=None)
     if found is not None:
         return found
