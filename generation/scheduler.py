@@ -556,12 +556,17 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
     return result
 
 
+def _waiting_where(q) -> str:
+    """The WHERE of the jobs waiting unplaced (WAITING as parameters), for prebuilt SQL."""
+    return (f"{q(VideoJob, 'place')} = '' AND {q(VideoJob, 'status')} IN ({marks(len(WAITING))}) "
+            f"AND NOT {q(VideoJob, 'cancel_requested')}")
+
+
 def _waiting_counts() -> list[tuple]:
     """(owner_id, waiting jobs, those with a deadline) per user with jobs waiting unplaced."""
     sql = prebuilt("videojob.waiting_counts", lambda q: (
         f"SELECT {q(VideoJob, 'owner')}, COUNT(*), COUNT({q(VideoJob, 'deadline_at')}) FROM {q(VideoJob)} "
-        f"WHERE {q(VideoJob, 'place')} = '' AND {q(VideoJob, 'status')} IN ({marks(len(WAITING))}) "
-        f"AND NOT {q(VideoJob, 'cancel_requested')} GROUP BY {q(VideoJob, 'owner')}"))
+        f"WHERE {_waiting_where(q)} GROUP BY {q(VideoJob, 'owner')}"))
     with connection.cursor() as cursor:
         cursor.execute(sql, list(WAITING))
         return cursor.fetchall()
@@ -576,8 +581,7 @@ def _quotas(owners) -> dict:
     return {row.user_id: row for row in UserQuota.objects.raw(f"{head}({marks(len(owners))})", list(owners))}
 
 
-# The reads of a pass below are prebuilt SQL too (i2v.core.sql).
-_WAITING_SQL = {}
+_WAITING_COLUMNS = ("id", "owner", "backend", "workflow_slug", "width", "height", "frames")
 
 
 def _waiting_rows(per_user: int | None = None) -> list[tuple]:
@@ -585,25 +589,20 @@ def _waiting_rows(per_user: int | None = None) -> list[tuple]:
     first; with `per_user`, only each user's oldest that many. A prebuilt SELECT without the
     ORM's per-value converters: a pass may read 10,000 rows, and converting their ids took longer
     than the rest of the pass."""
-    vendor = connection.vendor
-    if vendor not in _WAITING_SQL:
-        meta, quote = VideoJob._meta, connection.ops.quote_name
-        col = lambda name: quote(meta.get_field(name).column)  # noqa: E731
-        cols = ", ".join(col(f) for f in ("id", "owner", "backend", "workflow_slug", "width", "height", "frames"))
-        where = f"{col('place')} = '' AND {col('status')} IN (%s, %s) AND NOT {col('cancel_requested')}"
-        table = quote(meta.db_table)
-        _WAITING_SQL[vendor] = (
-            f"SELECT {cols} FROM {table} WHERE {where} ORDER BY {col('created_at')}",
-            f"SELECT {cols} FROM (SELECT {cols}, {col('created_at')}, ROW_NUMBER() OVER (PARTITION BY {col('owner')} "
-            f"ORDER BY {col('created_at')}) AS nth FROM {table} WHERE {where}) AS w WHERE nth <= %s "
-            f"ORDER BY {col('created_at')}",
-        )
-    every, first_few = _WAITING_SQL[vendor]
+    def cols(q):
+        return ", ".join(q(VideoJob, f) for f in _WAITING_COLUMNS)
+
     with connection.cursor() as cursor:
         if per_user is None:
-            cursor.execute(every, list(WAITING))
+            cursor.execute(prebuilt("videojob.waiting_rows", lambda q: (
+                f"SELECT {cols(q)} FROM {q(VideoJob)} WHERE {_waiting_where(q)} ORDER BY {q(VideoJob, 'created_at')}"
+            )), list(WAITING))
         else:
-            cursor.execute(first_few, [*WAITING, per_user])
+            cursor.execute(prebuilt("videojob.waiting_rows_per_user", lambda q: (
+                f"SELECT {cols(q)} FROM (SELECT {cols(q)}, {q(VideoJob, 'created_at')}, ROW_NUMBER() OVER "
+                f"(PARTITION BY {q(VideoJob, 'owner')} ORDER BY {q(VideoJob, 'created_at')}) AS nth FROM {q(VideoJob)} "
+                f"WHERE {_waiting_where(q)}) AS w WHERE nth <= %s ORDER BY {q(VideoJob, 'created_at')}"
+            )), [*WAITING, per_user])
         return cursor.fetchall()
 
 
