@@ -543,11 +543,11 @@ class Heard:
         self.start = self.success = None
         self.outputs = {}
 
-    def note(self, ev) -> bool:
-        """Take one event; True when it is the success that completes the run heard whole (item())."""
+    def note(self, ev) -> dict | None:
+        """Take one event; when it is the success that completes the run heard whole, the run (item())."""
         data = ev.get("data") or {}
         if data.get("prompt_id") != self.prompt_id:
-            return False
+            return None
         kind = ev.get("type")
         if kind == "execution_start":
             self.start, self.success, self.outputs = data.get("timestamp"), None, {}
@@ -555,8 +555,8 @@ class Heard:
             self.outputs[str(data.get("node"))] = data["output"]
         elif kind == "execution_success" and self.start is not None:
             self.success = data.get("timestamp")
-            return self.item() is not None
-        return False
+            return self.item()
+        return None
 
     def item(self) -> dict | None:
         """The run as its history entry would show it (status, timestamps, outputs), once it
@@ -592,8 +592,7 @@ def _follow_events(job, deadline, conn, progress, item):
                 ev = None
             if ev is not None:
                 ended = _on_event(job, progress, ev)
-                if heard.note(ev):
-                    item = heard.item()
+                if (item := heard.note(ev)) is not None:
                     break
             if not ended:
                 progress.tick()
