@@ -65,12 +65,15 @@ def execution_seconds(comfy_urls, prompt_id) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000
 
 
+WORKERS = 12  # django-q2 worker processes per app: room for the jobs at once, and each job's slice
+
+
 class App(_app.App):
     """`make run`'s stack on SQLite + the ORM broker, or on PostgreSQL + Redis, with the ComfyUI
     doubles as its GPUs: the first the configured URL, the others ComfyUI servers."""
 
     def __init__(self, comfy_urls, postgres_redis: bool):
-        super().__init__({"I2V_WORKERS": "12", "WEB_CONCURRENCY": "2", "I2V_MAX_WAITING": "1000",
+        super().__init__({"I2V_WORKERS": str(WORKERS), "WEB_CONCURRENCY": "2", "I2V_MAX_WAITING": "1000",
                           "I2V_MAX_RUNNING": "1000", "I2V_RATE_GENERATE": "100000/m", "I2V_LOG_LEVEL": "WARNING"},
                          database=DB if postgres_redis else None, redis_db=4 if postgres_redis else None,
                          data_prefix="i2v-disp-")
@@ -216,8 +219,15 @@ def main():
         stack.callback(sqlite.stop)
         pg = App(urls, postgres_redis=True)
         stack.callback(pg.stop)
+        # Warm-up, so that what is measured is a running server's steady state. A web process's first
+        # request imports code and opens connections. django-q2 hands tasks to its worker processes in
+        # turn, and a worker's first job costs it ~1,100 more page faults (copy-on-write of the memory
+        # it shares with the process it was forked from) and 6-9 ms more CPU than its later ones: a
+        # once-per-process cost (a worker lives for 500 tasks, `recycle`), which would otherwise fall
+        # on most of the jobs measured in a row. Every worker gets two jobs first.
         for app in (sqlite, pg):
-            app.job()  # warm-up: a web process's first request imports code and opens connections
+            for _ in range(2 * WORKERS):
+                app.job()
         setups = {  # one(i): one job's overhead; job i of a batch at once may use GPU i
             "raw client (floor)": lambda i: raw_job(urls[i]),
             "i2v, SQLite + ORM broker": lambda i: sqlite.job(),
