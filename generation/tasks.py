@@ -11,8 +11,10 @@ from django.db.models import Q
 from django.utils import timezone
 
 from generation import runner, scheduler
-from generation.models import SchedulerState, VideoJob
+from generation.models import SchedulerState, VideoJob, Workflow
 from gpu import netguard
+from gpu.models import VastInstance
+from i2v.core.sql import aliased, from_row, marks, prebuilt
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ def warm_worker(sender=None, **kwargs):
     netguard.warm()
     try:
         connection.ensure_connection()
+        if connection.vendor == "postgresql":
+            now = timezone.now()
+            lease_and_read(uuid.UUID(int=0), "", now, now)  # matches no job: builds its SQL and converters
         runner.warm()
     except Exception as exc:  # noqa: BLE001 - only a head start: the first task does it all itself
         log.warning("worker start: could not get ready ahead of the first task (%s)", exc)
@@ -74,13 +79,17 @@ def run_job(job_id):
 
     def take_lease():
         now = timezone.now()
-        return VideoJob.objects.filter(
-            Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
         # The lease lasts as long as django-q2 lets a task live (`timeout` < `retry`), so a task
         # redelivered after a worker died always finds the dead worker's lease expired.
-        ).exclude(place="").update(lease_token=token, lease_until=now + timedelta(seconds=settings.Q_CLUSTER["timeout"]))
+        lease_until = now + timedelta(seconds=settings.Q_CLUSTER["timeout"])
+        if connection.vendor == "postgresql":
+            return lease_and_read(job_id, token, lease_until, now)
+        return VideoJob.objects.filter(
+            Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
+        ).exclude(place="").update(lease_token=token, lease_until=lease_until)
 
-    if not with_database(take_lease, until):
+    leased = with_database(take_lease, until)
+    if not leased:
         if VideoJob.objects.filter(pk=job_id, place="", status__in=VideoJob.ACTIVE).exists():
             # Not placed yet (a redelivery, the watchdog): placing is the scheduler's.
             place_now()
@@ -88,7 +97,7 @@ def run_job(job_id):
         return "busy-or-finished"
     done = False
     try:
-        done = runner.advance(job_id, deadline=started + slice_seconds)
+        done = runner.advance(job_id, deadline=started + slice_seconds, job=leased if isinstance(leased, VideoJob) else None)
     except DATABASE_DOWN as exc:
         # Every step is keyed by what is stored on the job: the next slice resumes it.
         log.warning("job %s: database unavailable during the slice (%s); continuing later", job_id, exc)
@@ -107,6 +116,32 @@ def run_job(job_id):
 
 
 place_now = scheduler.place_now
+
+
+def lease_and_read(job_id, token: str, lease_until, now) -> VideoJob | None:
+    """PostgreSQL: take the lease and read the job with its workflow and instance (what
+    runner.advance reads first) in one statement: the UPDATE's RETURNING joined in a CTE. The
+    same compare-and-set as the ORM's update elsewhere; None when it took no lease. One round trip
+    and two compiled queries fewer on every job's way to its GPU (2.0 ms for the ORM's read alone,
+    in-process)."""
+    sql = prebuilt("videojob.lease_and_read", lambda q: (
+        f"WITH leased AS (UPDATE {q(VideoJob)} SET {q(VideoJob, 'lease_token')} = %s, {q(VideoJob, 'lease_until')} = %s "
+        f"WHERE {q(VideoJob, 'id')} = %s AND ({q(VideoJob, 'lease_until')} IS NULL OR {q(VideoJob, 'lease_until')} < %s) "
+        f"AND {q(VideoJob, 'status')} IN ({marks(len(VideoJob.ACTIVE))}) AND {q(VideoJob, 'place')} <> '' RETURNING *) "
+        f"SELECT {aliased(VideoJob, 'leased', q)}, {aliased(Workflow, 'w', q)}, {aliased(VastInstance, 'i', q)} "
+        f"FROM leased LEFT JOIN {q(Workflow)} w ON w.{q(Workflow, 'id')} = leased.{q(VideoJob, 'workflow')} "
+        f"LEFT JOIN {q(VastInstance)} i ON i.{q(VastInstance, 'id')} = leased.{q(VideoJob, 'instance')}"))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [token, lease_until, uuid.UUID(str(job_id)), now, *VideoJob.ACTIVE])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    n_job, n_workflow = len(VideoJob._meta.concrete_fields), len(Workflow._meta.concrete_fields)
+    job = from_row(VideoJob, row[:n_job])
+    for name, related in (("workflow", from_row(Workflow, row[n_job:n_job + n_workflow])),
+                          ("instance", from_row(VastInstance, row[n_job + n_workflow:]))):
+        VideoJob._meta.get_field(name).set_cached_value(job, related)  # as select_related() leaves them
+    return job
 
 
 def watchdog():

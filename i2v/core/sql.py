@@ -9,8 +9,10 @@ hand the rows to `Model.objects.raw()`, which builds the instances through the O
 (datetimes and UUIDs come back as from any queryset). Everything else stays plain ORM."""
 
 from django.db import connection
+from django.db.models.sql import Query
 
 _built = {}
+_converters = {}
 
 
 def prebuilt(key: str, build) -> str:
@@ -34,3 +36,31 @@ def columns(model, quote) -> str:
 def marks(n: int) -> str:
     """`%s, %s, …`: n parameters for an IN list."""
     return ", ".join(["%s"] * n)
+
+
+def aliased(model, alias: str, quote) -> str:
+    """Every column of the model as `alias.column`, in the order from_row() takes them."""
+    return ", ".join(f"{alias}.{quote(model, f.name)}" for f in model._meta.concrete_fields)
+
+
+def from_row(model, values):
+    """An instance of `model` from its concrete fields' values in column order (columns(), aliased()),
+    converted as any queryset converts them; None when every value is NULL (a LEFT JOIN that found
+    nothing)."""
+    if all(value is None for value in values):
+        return None
+    key = (model, connection.alias, connection.vendor)
+    converters = _converters.get(key)
+    if converters is None:
+        table = model._meta.db_table
+        compiler = connection.ops.compiler("SQLCompiler")(Query(model), connection, connection.alias)
+        converters = _converters[key] = list(compiler.get_converters(
+            [f.get_col(table) for f in model._meta.concrete_fields]).items())
+    if converters:
+        values = list(values)
+        for pos, (functions, expression) in converters:
+            value = values[pos]
+            for function in functions:
+                value = function(value, expression, connection)
+            values[pos] = value
+    return model.from_db(connection.alias, None, values)

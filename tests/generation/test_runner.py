@@ -114,6 +114,20 @@ def test_smoke_job_completes_and_stores_the_video(configured, user, client):
     assert b"".join(full.streaming_content) == expected
 
 
+def test_refusing_private_networks_holds_for_the_next_job_though_the_worker_keeps_its_connection(configured, user, settings):
+    """A worker keeps its ComfyUI connection alive from one job to the next (runner.shared_http).
+    An operator who turns on I2V_BLOCK_PRIVATE_NETWORKS gets it for the very next job: that job is
+    refused, not carried over the connection the last job left open."""
+    first = run_to_end(make_job(user))
+    assert first.status == S.COMPLETED, first.error
+    settings.I2V_BLOCK_PRIVATE_NETWORKS = True
+    second = run_to_end(make_job(user))
+    assert second.status == S.FAILED
+    assert "private and loopback addresses are disabled" in second.error
+    assert second.prompt_id not in configured.prompt_posts
+    assert configured.count("POST", "/upload/image") == 1
+
+
 def test_a_burst_of_progress_events_is_written_at_most_four_times_a_second(configured, user):
     """Every progress write wakes each page and script waiting on the job: a run whose node and
     step events come milliseconds apart is written a few times, and its end holds everything."""
