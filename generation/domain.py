@@ -15,7 +15,8 @@ from django.utils import timezone
 from generation import jobcache, scheduler
 from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
-from generation.models import UserQuota, VideoJob, Workflow
+from generation.models import VideoJob, Workflow
+from i2v.core.sql import columns, from_row, prebuilt
 from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,12 @@ def resolve_workflow(slug: str) -> Workflow:
     from gpu.models import GpuConfig
 
     slug = slug or GpuConfig.get().default_workflow or "wan22-i2v"
-    wf = Workflow.objects.filter(slug=slug, is_active=True).first()
+    sql = prebuilt("workflow.active", lambda q: (  # read on every job's request
+        f"SELECT {columns(Workflow, q)} FROM {q(Workflow)} WHERE {q(Workflow, 'slug')} = %s AND {q(Workflow, 'is_active')} = %s"))
+    with connections["default"].cursor() as cursor:
+        cursor.execute(sql, [slug, True])
+        row = cursor.fetchone()
+    wf = None if row is None else from_row(Workflow, row)
     if wf is None:
         known = ", ".join(Workflow.objects.filter(is_active=True).values_list("slug", flat=True))
         raise InputError("workflow", f"unknown workflow {slug!r}; available: {known}")
@@ -232,8 +238,7 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         raise InputError("image_url", "send either an image file or an image_url, not both")
     if params.backend == "fal" and not settings.FAL_KEY:
         raise InputError("backend", "fal.ai is not configured on this server (FAL_KEY is unset); use backend 'comfyui'")
-    limit = UserQuota.for_user(owner.pk).waiting_limit
-    waiting = scheduler.waiting_count(owner.pk)
+    waiting, limit = scheduler.waiting_and_limit(owner.pk)
     if waiting >= limit:
         raise QueueFull(f"You have {waiting} jobs waiting, the limit is {limit} (max_waiting): wait for some to "
                         "start, or cancel some, then send this one again.")
