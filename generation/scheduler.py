@@ -48,7 +48,7 @@ from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
 from i2v.core import queue as q_tasks
-from i2v.core.sql import columns, marks, prebuilt
+from i2v.core.sql import columns, convert, from_row, marks, prebuilt
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -433,12 +433,58 @@ class PassResult:
 AFTER_COMMIT = "after-commit"  # run_pass's `seen` for a change already committed: read only if need be
 
 
+def _locked_state(skip_locked=False) -> SchedulerState | None:
+    """The scheduler's row, locked until the transaction ends (where the database has row locks:
+    on SQLite the transaction's write lock serializes passes); None when it does not exist yet, or,
+    with `skip_locked`, while another pass holds it. Prebuilt, like select_for_update() would
+    build it: every request's pass takes it."""
+    features = connection.features
+    lock = ""
+    if features.has_select_for_update:
+        lock = " FOR UPDATE SKIP LOCKED" if skip_locked and features.has_select_for_update_skip_locked else " FOR UPDATE"
+    sql = prebuilt(f"schedulerstate.locked{lock}", lambda q: (
+        f"SELECT {columns(SchedulerState, q)} FROM {q(SchedulerState)} WHERE {q(SchedulerState, 'id')} = 1{lock}"))
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return None if row is None else from_row(SchedulerState, row)
+
+
 def _lock() -> SchedulerState:
-    state = SchedulerState.objects.select_for_update().filter(pk=1).first()
+    state = _locked_state()
     if state is None:  # the first pass ever (a concurrent one may create the row first)
         SchedulerState.objects.get_or_create(pk=1)
-        state = SchedulerState.objects.select_for_update().get(pk=1)
+        state = _locked_state()
     return state
+
+
+_STATE_SAVED = ("last_pass_at", "passes", "pass_ms", "summary")
+
+
+def _save_state(state: SchedulerState) -> None:
+    """What a pass saw, on the row it locked: the UPDATE save(update_fields=…) makes, prebuilt."""
+    sql = prebuilt("schedulerstate.save", lambda q: (
+        f"UPDATE {q(SchedulerState)} SET {', '.join(f'{q(SchedulerState, name)} = %s' for name in _STATE_SAVED)} "
+        f"WHERE {q(SchedulerState, 'id')} = %s"))
+    meta = SchedulerState._meta
+    values = [meta.get_field(name).get_db_prep_save(getattr(state, name), connection) for name in _STATE_SAVED]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*values, state.pk])
+
+
+_OCCUPYING_COLUMNS = ("id", "place", "owner", "workflow_slug", "width", "height", "frames", "started_at")
+
+
+def _occupying() -> list[list]:
+    """(id, place, owner_id, workflow_slug, width, height, frames, started_at) of the jobs holding
+    a GPU slot, as values_list() gives them; prebuilt."""
+    sql = prebuilt("videojob.occupying", lambda q: (
+        f"SELECT {', '.join(q(VideoJob, name) for name in _OCCUPYING_COLUMNS)} FROM {q(VideoJob)} "
+        f"WHERE {q(VideoJob, 'place')} <> '' AND {q(VideoJob, 'status')} IN ({marks(len(OCCUPYING))})"))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, list(OCCUPYING))
+        rows = cursor.fetchall()
+    return [convert(VideoJob, _OCCUPYING_COLUMNS, row) for row in rows]
 
 
 def passes_so_far() -> int:
@@ -466,7 +512,7 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
         if seen == AFTER_COMMIT:
             seen = None
             if connection.features.has_select_for_update_skip_locked:
-                state = SchedulerState.objects.select_for_update(skip_locked=True).filter(pk=1).first()
+                state = _locked_state(skip_locked=True)
             if state is None:  # held by another pass (or not made yet): it may not have seen the change
                 seen = passes_so_far()
         if state is None:
@@ -478,8 +524,7 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
         now = now or timezone.now()
         config = GpuConfig.get()
         gpu_places = capacity.places(config, now)
-        occupying = list(VideoJob.objects.exclude(place="").filter(status__in=OCCUPYING).values_list(
-            "id", "place", "owner_id", "workflow_slug", "width", "height", "frames", "started_at"))
+        occupying = _occupying()
         requeued = _requeue_orphans(gpu_places, occupying, result)
         estimate = Estimator.load(float(config.default_run_seconds))
 
@@ -552,7 +597,7 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
         state.pass_ms = result.ms
         state.summary = {**_summary(sims, free_at, estimate, rows, now_s),
                          "clocks": clocks.dump(set(counts) | set(running))}
-        state.save(update_fields=["last_pass_at", "passes", "pass_ms", "summary"])
+        _save_state(state)
     return result
 
 

@@ -43,24 +43,36 @@ def aliased(model, alias: str, quote) -> str:
     return ", ".join(f"{alias}.{quote(model, f.name)}" for f in model._meta.concrete_fields)
 
 
+def _converters_of(model, names: tuple) -> list:
+    """[(position, (functions, expression))] converting these columns of the model as a queryset
+    converts them; built once per model, columns and database."""
+    key = (model, names, connection.alias, connection.vendor)
+    found = _converters.get(key)
+    if found is None:
+        table = model._meta.db_table
+        compiler = connection.ops.compiler("SQLCompiler")(Query(model), connection, connection.alias)
+        found = _converters[key] = list(compiler.get_converters(
+            [model._meta.get_field(name).get_col(table) for name in names]).items())
+    return found
+
+
+def convert(model, names: tuple, values) -> list:
+    """One row of these columns of the model (field names, in order), its values converted as a
+    queryset's values_list() converts them (SQLite hands back UUIDs as hex text, datetimes as text)."""
+    values = list(values)
+    for pos, (functions, expression) in _converters_of(model, names):
+        value = values[pos]
+        for function in functions:
+            value = function(value, expression, connection)
+        values[pos] = value
+    return values
+
+
 def from_row(model, values):
     """An instance of `model` from its concrete fields' values in column order (columns(), aliased()),
     converted as any queryset converts them; None when every value is NULL (a LEFT JOIN that found
     nothing)."""
     if all(value is None for value in values):
         return None
-    key = (model, connection.alias, connection.vendor)
-    converters = _converters.get(key)
-    if converters is None:
-        table = model._meta.db_table
-        compiler = connection.ops.compiler("SQLCompiler")(Query(model), connection, connection.alias)
-        converters = _converters[key] = list(compiler.get_converters(
-            [f.get_col(table) for f in model._meta.concrete_fields]).items())
-    if converters:
-        values = list(values)
-        for pos, (functions, expression) in converters:
-            value = values[pos]
-            for function in functions:
-                value = function(value, expression, connection)
-            values[pos] = value
-    return model.from_db(connection.alias, None, values)
+    names = tuple(f.name for f in model._meta.concrete_fields)
+    return model.from_db(connection.alias, None, convert(model, names, values))
