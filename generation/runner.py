@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from decimal import Decimal
 
 from boto3.exceptions import S3UploadFailedError
@@ -113,7 +114,10 @@ def shared_http():
     key = (os.getpid(), settings.I2V_BLOCK_PRIVATE_NETWORKS)
     http = _shared_http.get(key)
     if http is None or http.is_closed:
-        http = _shared_http[key] = netguard.http_client(follow_redirects=False)
+        # It keeps no cookies: one a ComfyUI (or the proxy in front of it) sets must not ride along
+        # on later jobs' calls, as it could not when each job had a client of its own.
+        no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+        http = _shared_http[key] = netguard.http_client(follow_redirects=False, cookies=no_cookies)
     return http
 
 

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from decimal import Decimal
 
 import httpx
@@ -126,6 +127,41 @@ def test_refusing_private_networks_holds_for_the_next_job_though_the_worker_keep
     assert "private and loopback addresses are disabled" in second.error
     assert second.prompt_id not in configured.prompt_posts
     assert configured.count("POST", "/upload/image") == 1
+
+
+def test_a_cookie_one_job_s_comfyui_sets_never_rides_along_on_the_next_job_s_calls():
+    """Jobs share their worker's HTTP client (runner.shared_http): a cookie a ComfyUI or the proxy
+    in front of it sets (a portal's session after a token) must not authenticate later jobs, which
+    carry their own token."""
+    sent = []
+
+    class Portal(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            sent.append(self.headers.get("Cookie"))
+            body = b'{"system": {"comfyui_version": "0.3.64"}, "devices": []}'
+            self.send_response(200)
+            self.send_header("Set-Cookie", "portal_session=granted; Path=/")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(2):  # two jobs, each with its own ComfyUI client on the shared HTTP client
+            client = runner.ComfyUIClient(f"http://127.0.0.1:{server.server_address[1]}", http_client=runner.shared_http())
+            client.system_stats()
+            client.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sent == [None, None]
 
 
 def test_a_burst_of_progress_events_is_written_at_most_four_times_a_second(configured, user):
