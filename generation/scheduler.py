@@ -48,7 +48,7 @@ from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
 from i2v.core import queue as q_tasks
-from i2v.core.sql import columns, convert, from_row, marks, prebuilt
+from i2v.core.sql import columns, convert, fetch, from_row, marks, prebuilt, read_ahead
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -113,16 +113,17 @@ class Estimator:
             seen[tuple(kind)].append(seconds)
         self.typical = {kind: sum(runs) / len(runs) for kind, runs in seen.items()}
 
+    @staticmethod
+    def read() -> tuple[str, list]:
+        """load()'s prebuilt SELECT and its parameters (i2v.core.sql.read_ahead)."""
+        return prebuilt("runstat.known", lambda q: "SELECT " + ", ".join(
+            q(RunStat, f) for f in ("workflow_slug", "width", "height", "frames", "gpu_class", "mean_seconds")
+        ) + f" FROM {q(RunStat)} WHERE {q(RunStat, 'runs')} > 0"), []
+
     @classmethod
     def load(cls, default: float) -> "Estimator":
         # Read by every pass: prebuilt SQL (i2v.core.sql); the values need no conversion.
-        sql = prebuilt("runstat.known", lambda q: "SELECT " + ", ".join(
-            q(RunStat, f) for f in ("workflow_slug", "width", "height", "frames", "gpu_class", "mean_seconds")
-        ) + f" FROM {q(RunStat)} WHERE {q(RunStat, 'runs')} > 0")
-        with connection.cursor() as cursor:
-            cursor.execute(sql)
-            stats = {tuple(row[:5]): row[5] for row in cursor.fetchall()}
-        return cls(stats, default)
+        return cls({tuple(row[:5]): row[5] for row in fetch(*cls.read())}, default)
 
     def __call__(self, kind: tuple, gpu_class: str) -> float:
         """A class of GPU that has not run this kind yet is taken for the average of those that
@@ -475,16 +476,16 @@ def _save_state(state: SchedulerState) -> None:
 _OCCUPYING_COLUMNS = ("id", "place", "owner", "workflow_slug", "width", "height", "frames", "started_at")
 
 
+def _occupying_read() -> tuple[str, list]:
+    return prebuilt("videojob.occupying", lambda q: (
+        f"SELECT {', '.join(q(VideoJob, name) for name in _OCCUPYING_COLUMNS)} FROM {q(VideoJob)} "
+        f"WHERE {q(VideoJob, 'place')} <> '' AND {q(VideoJob, 'status')} IN ({marks(len(OCCUPYING))})")), list(OCCUPYING)
+
+
 def _occupying() -> list[list]:
     """(id, place, owner_id, workflow_slug, width, height, frames, started_at) of the jobs holding
     a GPU slot, as values_list() gives them; prebuilt."""
-    sql = prebuilt("videojob.occupying", lambda q: (
-        f"SELECT {', '.join(q(VideoJob, name) for name in _OCCUPYING_COLUMNS)} FROM {q(VideoJob)} "
-        f"WHERE {q(VideoJob, 'place')} <> '' AND {q(VideoJob, 'status')} IN ({marks(len(OCCUPYING))})"))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, list(OCCUPYING))
-        rows = cursor.fetchall()
-    return [convert(VideoJob, _OCCUPYING_COLUMNS, row) for row in rows]
+    return [convert(VideoJob, _OCCUPYING_COLUMNS, row) for row in fetch(*_occupying_read())]
 
 
 def passes_so_far() -> int:
@@ -522,11 +523,16 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
             return result
         clocks = Clocks(state.summary.get("clocks"))
         now = now or timezone.now()
-        config = GpuConfig.get()
-        gpu_places = capacity.places(config, now)
-        occupying = _occupying()
+        with read_ahead(GpuConfig.read(), VastInstance.objects.live_read(), capacity.servers_read(),
+                        capacity.down_read(now), _occupying_read(), Estimator.read(), _waiting_counts_read()):
+            config = GpuConfig.get()
+            gpu_places = capacity.places(config, now)
+            occupying = _occupying()
+            estimate = Estimator.load(float(config.default_run_seconds))
+            waiting_counts = _waiting_counts()
         requeued = _requeue_orphans(gpu_places, occupying, result)
-        estimate = Estimator.load(float(config.default_run_seconds))
+        if requeued:  # back in the queue: they count among the waiting
+            waiting_counts = _waiting_counts()
 
         bound = defaultdict(list)  # place key -> [(kind, started epoch)]
         running = defaultdict(int)
@@ -537,7 +543,7 @@ def run_pass(now: datetime | None = None, seen: int | str | None = None) -> Pass
             running[owner] += 1
 
         counts, with_deadline = {}, 0
-        for owner, n, d in _waiting_counts():
+        for owner, n, d in waiting_counts:
             counts[owner] = n
             with_deadline += d
         result.waiting = sum(counts.values())
@@ -607,14 +613,15 @@ def _waiting_where(q) -> str:
             f"AND NOT {q(VideoJob, 'cancel_requested')}")
 
 
+def _waiting_counts_read() -> tuple[str, list]:
+    return prebuilt("videojob.waiting_counts", lambda q: (
+        f"SELECT {q(VideoJob, 'owner')}, COUNT(*), COUNT({q(VideoJob, 'deadline_at')}) FROM {q(VideoJob)} "
+        f"WHERE {_waiting_where(q)} GROUP BY {q(VideoJob, 'owner')}")), list(WAITING)
+
+
 def _waiting_counts() -> list[tuple]:
     """(owner_id, waiting jobs, those with a deadline) per user with jobs waiting unplaced."""
-    sql = prebuilt("videojob.waiting_counts", lambda q: (
-        f"SELECT {q(VideoJob, 'owner')}, COUNT(*), COUNT({q(VideoJob, 'deadline_at')}) FROM {q(VideoJob)} "
-        f"WHERE {_waiting_where(q)} GROUP BY {q(VideoJob, 'owner')}"))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, list(WAITING))
-        return cursor.fetchall()
+    return fetch(*_waiting_counts_read())
 
 
 def _quotas(owners) -> dict:

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from gpu.models import ComfyUIServer, GpuConfig, PlaceHealth, VastInstance
 from gpu.tunnel import instance_for_url
-from i2v.core.sql import columns, prebuilt
+from i2v.core.sql import columns, fetch, from_row, prebuilt
 
 # A URL that refused a job is left alone this long before the scheduler tries it again.
 DOWN_RETRY_SECONDS = 15
@@ -74,19 +74,27 @@ class Place:
 # longer than running them.
 
 
+def servers_read() -> tuple[str, list]:
+    """The enabled ComfyUI servers' prebuilt SELECT and its parameters (i2v.core.sql.read_ahead)."""
+    return prebuilt("comfyuiserver.enabled", lambda q: f"SELECT {columns(ComfyUIServer, q)} FROM {q(ComfyUIServer)} "
+                                                       f"WHERE {q(ComfyUIServer, 'enabled')} = %s"), [True]
+
+
 def _enabled_servers() -> list[ComfyUIServer]:
-    sql = prebuilt("comfyuiserver.enabled", lambda q: f"SELECT {columns(ComfyUIServer, q)} FROM {q(ComfyUIServer)} "
-                                                      f"WHERE {q(ComfyUIServer, 'enabled')} = %s")
-    return list(ComfyUIServer.objects.raw(sql, [True]))
+    return [from_row(ComfyUIServer, row) for row in fetch(*servers_read())]
 
 
-def _down_urls(now) -> set[str]:
+def down_read(now) -> tuple[str, list]:
+    """The prebuilt SELECT of the URLs that refused a connection lately, as of `now`, and its
+    parameters (i2v.core.sql.read_ahead)."""
     cutoff = now - timedelta(seconds=DOWN_RETRY_SECONDS)
     sql = prebuilt("placehealth.down", lambda q: f"SELECT {q(PlaceHealth, 'url')} FROM {q(PlaceHealth)} "
                                                  f"WHERE {q(PlaceHealth, 'checked_at')} > %s")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [PlaceHealth._meta.get_field("checked_at").get_db_prep_value(cutoff, connection)])
-        return {url for (url,) in cursor.fetchall()}
+    return sql, [PlaceHealth._meta.get_field("checked_at").get_db_prep_value(cutoff, connection)]
+
+
+def _down_urls(now) -> set[str]:
+    return {url for (url,) in fetch(*down_read(now))}
 
 
 def expected_boot_seconds(config: GpuConfig | None = None) -> float:

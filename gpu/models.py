@@ -6,7 +6,7 @@ from django.db import models
 from django.utils import timezone
 
 from i2v.core.crypto import EncryptedTextField
-from i2v.core.sql import columns, marks, prebuilt
+from i2v.core.sql import columns, fetch, from_row, marks, prebuilt
 
 
 class GpuConfig(models.Model):
@@ -85,11 +85,16 @@ class GpuConfig(models.Model):
         raise ValueError("The GPU configuration cannot be deleted; clear its fields instead.")
 
     @classmethod
+    def read(cls) -> tuple[str, list]:
+        """get()'s prebuilt SELECT and its parameters (i2v.core.sql.read_ahead)."""
+        return prebuilt("gpuconfig", lambda q: f"SELECT {columns(cls, q)} FROM {q(cls)} WHERE {q(cls, 'id')} = %s"), [
+            cls.SINGLETON_PK]
+
+    @classmethod
     def get(cls):
         # Read by every scheduling pass and every job's worker: prebuilt SQL (i2v.core.sql).
-        sql = prebuilt("gpuconfig", lambda q: f"SELECT {columns(cls, q)} FROM {q(cls)} WHERE {q(cls, 'id')} = %s")
-        for obj in cls.objects.raw(sql, [cls.SINGLETON_PK]):
-            return obj
+        for row in fetch(*cls.read()):
+            return from_row(cls, row)
         obj, _ = cls.objects.get_or_create(
             pk=cls.SINGLETON_PK,
             defaults={"comfyui_url": settings.COMFYUI_URL, "swarmui_url": settings.SWARMUI_URL},
@@ -128,13 +133,16 @@ class VastInstanceQuerySet(models.QuerySet):
         """The instances the daily spend cap counts: the same consent as the reaper's."""
         return self.filter(auto_destroy=True)
 
+    def live_read(self) -> tuple[str, list]:
+        """live_list()'s prebuilt SELECT and its parameters (i2v.core.sql.read_ahead)."""
+        model, live = self.model, self.model.LIVE
+        return prebuilt("vastinstance.live", lambda q: f"SELECT {columns(model, q)} FROM {q(model)} "
+                                                       f"WHERE {q(model, 'state')} IN ({marks(len(live))})"), list(live)
+
     def live_list(self) -> list["VastInstance"]:
         """The live instances (a few rows at most), read by every scheduling pass: prebuilt SQL
         (i2v.core.sql) instead of the 1.2 ms the ORM takes to compile the query."""
-        model, live = self.model, self.model.LIVE
-        sql = prebuilt("vastinstance.live", lambda q: f"SELECT {columns(model, q)} FROM {q(model)} "
-                                                      f"WHERE {q(model, 'state')} IN ({marks(len(live))})")
-        return list(self.raw(sql, list(live)))
+        return [from_row(self.model, row) for row in fetch(*self.live_read())]
 
     def reconcilable(self):
         """Rows the reconciler may destroy or relabel: never an adopted instance."""

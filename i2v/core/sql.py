@@ -8,11 +8,15 @@ their SQL here, built once per database vendor from the models' own table and co
 hand the rows to `Model.objects.raw()`, which builds the instances through the ORM's converters
 (datetimes and UUIDs come back as from any queryset). Everything else stays plain ORM."""
 
+import contextlib
+import threading
+
 from django.db import connection
 from django.db.models.sql import Query
 
 _built = {}
 _converters = {}
+_ahead = threading.local()  # read_ahead()'s rows, per thread (each has its own connection)
 
 
 def prebuilt(key: str, build) -> str:
@@ -76,3 +80,39 @@ def from_row(model, values):
         return None
     names = tuple(f.name for f in model._meta.concrete_fields)
     return model.from_db(connection.alias, None, convert(model, names, values))
+
+
+def fetch(sql: str, params=()) -> list[tuple]:
+    """The rows of a prebuilt SELECT: those read_ahead() read for it in this block, else read now."""
+    ahead = getattr(_ahead, "rows", None)
+    if ahead:
+        rows = ahead.pop((sql, tuple(params)), None)
+        if rows is not None:
+            return rows
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+@contextlib.contextmanager
+def read_ahead(*reads):
+    """Within the block, fetch() of any of these prebuilt SELECTs ((sql, params) each) takes rows
+    read here. On PostgreSQL they are read in one round trip: one execute of the statements
+    joined, whose results psycopg's client-side binding (Django's default) hands back in turn
+    (nextset()). A scheduling pass reads half a dozen small tables after taking its lock; each
+    round trip costs 0.3-0.8 ms on a busy two-core machine, more than the query. Elsewhere (SQLite,
+    in-process) there is no round trip to save, and fetch() reads as it goes."""
+    if connection.vendor != "postgresql" or len(reads) < 2:
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("; ".join(sql for sql, _ in reads), [value for _, params in reads for value in params])
+        results = [cursor.fetchall()]
+        while cursor.nextset():
+            results.append(cursor.fetchall())
+    outer = getattr(_ahead, "rows", None)
+    _ahead.rows = {(sql, tuple(params)): rows for (sql, params), rows in zip(reads, results)}
+    try:
+        yield
+    finally:
+        _ahead.rows = outer
