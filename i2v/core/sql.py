@@ -1,12 +1,14 @@
-"""Prebuilt SQL for the few reads every job makes on its way to its GPU.
+"""Prebuilt SQL for the few reads and writes every job makes on its way to its GPU.
 
 Django's ORM compiles a queryset into SQL anew on every call: 0.4-1.1 ms of CPU a query here
 (listing the enabled ComfyUI servers 0.66 ms, the live vast.ai instances 1.2 ms even with none),
 against a 0.1 ms round trip to PostgreSQL. A scheduling pass makes a dozen such reads on every
-job's way to its GPU. Django has no cache of compiled queries, so the hottest simple reads keep
-their SQL here, built once per database vendor from the models' own table and column names, and
-hand the rows to `Model.objects.raw()`, which builds the instances through the ORM's converters
-(datetimes and UUIDs come back as from any queryset). Everything else stays plain ORM."""
+job's way to its GPU. Django has no cache of compiled queries, so the hottest simple statements
+keep their SQL here, built once per database vendor from the models' own table and column names.
+Their rows become instances through from_row() (or `Model.objects.raw()`), values through
+convert(): the ORM's own converters, so datetimes and UUIDs come back as from any queryset.
+read_ahead() reads several of them in one round trip on PostgreSQL. Everything else stays plain
+ORM."""
 
 import contextlib
 import threading
