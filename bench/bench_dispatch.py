@@ -21,7 +21,8 @@ GPU. Setups, all in one run:
 Then, setup by setup, the whole machine's CPU time per job (/proc/stat): on this two-core machine
 the jobs at once share it with the web server, the workers, PostgreSQL, Redis and the doubles.
 Last, the least any dispatcher built from these parts (a Django API, a django-q2 queue, a database)
-must add to the floor, each part timed alone (parts()): what "≤ 2 × the floor" leaves room for.
+must add to the floor, each part timed alone (parts()), in a row and for as many clients at once
+as the jobs at once: what "≤ 2 × the floor" leaves room for.
 
 Goal: median ≤ 100 ms on SQLite, ≤ 50 ms on PostgreSQL + Redis, and ≤ 2 × the floor.
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379, as `.ci/run` starts
@@ -162,15 +163,17 @@ def figures(overheads):
     return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
 
 
-def parts(app, comfy_url, rounds: int) -> dict:
+def parts(app, comfy_urls, rounds: int, concurrent: int = 1) -> dict:
     """What any dispatcher built from this stack's parts must add to the floor, each measured
-    alone against the running PostgreSQL + Redis app, interleaved with the floor:
+    alone against the running PostgreSQL + Redis app, interleaved with the floor; with
+    `concurrent`, each part for that many clients at once (client i on GPU i), as the jobs at once:
 
     - the client's one request carrying the image (answered 422 before any job work: the
       server, middlewares, token check and multipart parsing only; `Prefer: wait` needs no other);
     - the queue hop: django-q2 from `async_task` to an empty task done on the worker;
     - three committed one-row writes: the job's insert, the worker's lease (crash safety) and
-      the result (the fewest with which a job survives a crash of either process);
+      the result (the fewest with which a job survives a crash of either process), each client
+      on a row of its own;
     - the websocket handshake the floor's client makes before its clock starts.
     """
     os.environ.update(app.env)
@@ -183,27 +186,41 @@ def parts(app, comfy_url, rounds: int) -> dict:
 
     from i2v.core.queue import async_task
 
-    user = get_user_model().objects.first()
-    taken = {"floor": [], "request with the image": [], "queue hop": [], "3 writes": [], "websocket handshake": []}
-    with httpx.Client(base_url=f"{app.base}/api", headers=app.headers, timeout=30) as api:
+    users = [get_user_model().objects.get_or_create(username=f"bench-writer-{i}")[0] for i in range(concurrent)]
+
+    def request(api, i):
+        t0 = time.perf_counter()
+        resp = api.post("/generate-video", data={"workflow": "smoke"}, files={"image": ("in.png", IMAGE, "image/png")})
+        assert resp.status_code == 422, resp.text
+        return time.perf_counter() - t0
+
+    def queue_hop(api, i):
+        sent = timezone.now()
+        task_id = async_task("math.floor", 1.5, q_options={"save": True})  # recorded, unlike the app's own
+        while (task := Task.objects.filter(id=task_id).first()) is None:
+            time.sleep(0.005)  # polling for the record; the figure is the worker's own start stamp
+        return (task.stopped - sent).total_seconds()  # stamped by the worker
+
+    def writes(api, i):
+        t0 = time.perf_counter()
+        for _ in range(3):
+            type(users[i]).objects.filter(pk=users[i].pk).update(last_login=timezone.now())
+        return time.perf_counter() - t0
+
+    def handshake(api, i):
+        t0 = time.perf_counter()
+        with ws_connect(comfy_urls[i].replace("http://", "ws://") + f"/ws?clientId={uuid.uuid4().hex}"):
+            return time.perf_counter() - t0
+
+    steps = {"floor": lambda api, i: raw_job(comfy_urls[i]), "request with the image": request, "queue hop": queue_hop,
+             "3 writes": writes, "websocket handshake": handshake}
+    taken = {name: [] for name in steps}
+    # The steps run on the pool's threads even one at a time: each keeps its database connection.
+    with httpx.Client(base_url=f"{app.base}/api", headers=app.headers, timeout=30) as api, \
+            ThreadPoolExecutor(concurrent) as pool:
         for _ in range(rounds):
-            taken["floor"].append(raw_job(comfy_url))
-            t0 = time.perf_counter()
-            resp = api.post("/generate-video", data={"workflow": "smoke"}, files={"image": ("in.png", IMAGE, "image/png")})
-            taken["request with the image"].append(time.perf_counter() - t0)
-            assert resp.status_code == 422, resp.text
-            sent = timezone.now()
-            task_id = async_task("math.floor", 1.5, q_options={"save": True})  # recorded, unlike the app's own
-            while (task := Task.objects.filter(id=task_id).first()) is None:
-                time.sleep(0.005)  # polling for the record; the figure is the worker's own start stamp
-            taken["queue hop"].append((task.stopped - sent).total_seconds())  # stamped by the worker
-            t0 = time.perf_counter()
-            for _ in range(3):
-                type(user).objects.filter(pk=user.pk).update(last_login=timezone.now())
-            taken["3 writes"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with ws_connect(comfy_url.replace("http://", "ws://") + f"/ws?clientId={uuid.uuid4().hex}"):
-                taken["websocket handshake"].append(time.perf_counter() - t0)
+            for name, step in steps.items():
+                taken[name] += list(pool.map(lambda i, step=step: step(api, i), range(concurrent)))
     return {name: statistics.median(xs) * 1000 for name, xs in taken.items()}
 
 
@@ -246,7 +263,8 @@ def main():
                     at_once[name] += list(pool.map(one, range(args.concurrent)))
         # What a job costs the machine's CPU, setup by setup (not interleaved: /proc/stat counts all).
         cpu = {name: cpu_per_job(one, max(5, args.jobs // 2)) for name, one in setups.items()}
-        bound = parts(pg, urls[0], args.jobs)
+        bound = parts(pg, urls, args.jobs)
+        bound_at_once = parts(pg, urls, max(2, args.jobs // 5), args.concurrent)
     print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms; {args.jobs} jobs in a row, "
           f"and {args.concurrent} at once on {args.concurrent} GPUs (twice), each setup in turn:")
     print(f"{'setup':<40} {'in a row: median':>17} {'p90':>7} {'× floor':>8} {'at once: median':>16} {'p90':>7} "
@@ -266,6 +284,14 @@ def main():
         print(f"{name:<40} {ms:8.1f} ms")
     print(f"{'floor + every part':<40} {bound['floor'] + least:8.1f} ms = {(bound['floor'] + least) / bound['floor']:.2f} "
           "× floor, before any scheduling, storing or answering")
+    least = sum(ms for name, ms in bound_at_once.items() if name != "floor")
+    print(f"\nThe same with {args.concurrent} clients at once, each part at once (medians of {max(2, args.jobs // 5)} rounds "
+          f"of {args.concurrent}):")
+    for name, ms in bound_at_once.items():
+        print(f"{name:<40} {ms:8.1f} ms")
+    total = bound_at_once["floor"] + least
+    print(f"{'floor + every part':<40} {total:8.1f} ms = {total / bound_at_once['floor']:.2f} × floor at once, "
+          "before any scheduling, storing or answering")
 
 
 if __name__ == "__main__":
