@@ -16,7 +16,7 @@ from generation import jobcache, scheduler
 from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import VideoJob, Workflow
-from i2v.core.sql import columns, from_row, prebuilt
+from i2v.core.sql import columns, fetch, from_row, prebuilt
 from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,8 @@ def resolve_workflow(slug: str) -> Workflow:
     slug = slug or GpuConfig.get().default_workflow or "wan22-i2v"
     sql = prebuilt("workflow.active", lambda q: (  # read on every job's request
         f"SELECT {columns(Workflow, q)} FROM {q(Workflow)} WHERE {q(Workflow, 'slug')} = %s AND {q(Workflow, 'is_active')} = %s"))
-    with connections["default"].cursor() as cursor:
-        cursor.execute(sql, [slug, True])
-        row = cursor.fetchone()
-    wf = None if row is None else from_row(Workflow, row)
+    rows = fetch(sql, [slug, True])
+    wf = from_row(Workflow, rows[0]) if rows else None
     if wf is None:
         known = ", ".join(Workflow.objects.filter(is_active=True).values_list("slug", flat=True))
         raise InputError("workflow", f"unknown workflow {slug!r}; available: {known}")

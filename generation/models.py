@@ -272,11 +272,6 @@ class UserQuota(models.Model):
     def __str__(self):
         return f"UserQuota {self.user_id} (weight {self.weight})"
 
-    @classmethod
-    def for_user(cls, user_id) -> "UserQuota":
-        """The user's row, or an unsaved one with the defaults."""
-        return cls.objects.filter(user_id=user_id).first() or cls(user_id=user_id)
-
     @property
     def waiting_limit(self) -> int:
         return self.max_waiting if self.max_waiting is not None else settings.I2V_MAX_WAITING

@@ -18,8 +18,8 @@ import threading
 import time
 import uuid
 from datetime import timedelta
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from decimal import Decimal
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError

@@ -445,10 +445,8 @@ def _locked_state(skip_locked=False) -> SchedulerState | None:
         lock = " FOR UPDATE SKIP LOCKED" if skip_locked and features.has_select_for_update_skip_locked else " FOR UPDATE"
     sql = prebuilt(f"schedulerstate.locked{lock}", lambda q: (
         f"SELECT {columns(SchedulerState, q)} FROM {q(SchedulerState)} WHERE {q(SchedulerState, 'id')} = 1{lock}"))
-    with connection.cursor() as cursor:
-        cursor.execute(sql)
-        row = cursor.fetchone()
-    return None if row is None else from_row(SchedulerState, row)
+    rows = fetch(sql)
+    return from_row(SchedulerState, rows[0]) if rows else None
 
 
 def _lock() -> SchedulerState:
@@ -1061,9 +1059,7 @@ def waiting_and_limit(user_id) -> tuple[int, int]:
         f"SELECT COUNT(*), (SELECT {q(UserQuota, 'max_waiting')} FROM {q(UserQuota)} WHERE {q(UserQuota, 'user')} = %s) "
         f"FROM {q(VideoJob)} WHERE {q(VideoJob, 'owner')} = %s AND {q(VideoJob, 'place')} = '' "
         f"AND {q(VideoJob, 'status')} IN ({marks(len(WAITING))})"))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [user_id, user_id, *WAITING])
-        waiting, limit = cursor.fetchone()
+    [(waiting, limit)] = fetch(sql, [user_id, user_id, *WAITING])
     return waiting, (limit if limit is not None else UserQuota(user_id=user_id).waiting_limit)
 
 

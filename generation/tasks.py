@@ -14,7 +14,7 @@ from generation import runner, scheduler
 from generation.models import SchedulerState, VideoJob, Workflow
 from gpu import netguard
 from gpu.models import VastInstance
-from i2v.core.sql import aliased, from_row, marks, prebuilt
+from i2v.core.sql import columns, from_row, marks, prebuilt
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def lease_and_read(job_id, token: str, lease_until, now) -> VideoJob | None:
         f"WITH leased AS (UPDATE {q(VideoJob)} SET {q(VideoJob, 'lease_token')} = %s, {q(VideoJob, 'lease_until')} = %s "
         f"WHERE {q(VideoJob, 'id')} = %s AND ({q(VideoJob, 'lease_until')} IS NULL OR {q(VideoJob, 'lease_until')} < %s) "
         f"AND {q(VideoJob, 'status')} IN ({marks(len(VideoJob.ACTIVE))}) AND {q(VideoJob, 'place')} <> '' RETURNING *) "
-        f"SELECT {aliased(VideoJob, 'leased', q)}, {aliased(Workflow, 'w', q)}, {aliased(VastInstance, 'i', q)} "
+        f"SELECT {columns(VideoJob, q, 'leased')}, {columns(Workflow, q, 'w')}, {columns(VastInstance, q, 'i')} "
         f"FROM leased LEFT JOIN {q(Workflow)} w ON w.{q(Workflow, 'id')} = leased.{q(VideoJob, 'workflow')} "
         f"LEFT JOIN {q(VastInstance)} i ON i.{q(VastInstance, 'id')} = leased.{q(VideoJob, 'instance')}"))
     with connection.cursor() as cursor:

@@ -18,14 +18,17 @@ def png_bytes(width=64, height=48, color=(200, 80, 40), fmt="PNG"):
 
 
 class StaticServer:
-    """A tiny real HTTP server on 127.0.0.1 serving fixed routes: {path: (status, headers, body)}."""
+    """A tiny real HTTP server on 127.0.0.1 serving fixed routes: {path: (status, headers, body)}.
+    `headers_seen`: the headers of every request, in order."""
 
     def __init__(self, routes):
         self.routes = routes
+        self.headers_seen = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                outer.headers_seen.append(self.headers)
                 status, headers, body = outer.routes.get(self.path, (404, {}, b"not found"))
                 self.send_response(status)
                 for k, v in headers.items():

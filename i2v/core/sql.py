@@ -34,19 +34,16 @@ def prebuilt(key: str, build) -> str:
     return found
 
 
-def columns(model, quote) -> str:
-    """Every column of the model, for a SELECT that raw() turns into whole instances."""
-    return ", ".join(quote(model, f.name) for f in model._meta.concrete_fields)
+def columns(model, quote, alias: str = "") -> str:
+    """Every column of the model (as `alias.column` with an alias), in the order from_row() and
+    raw() take them for whole instances."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(prefix + quote(model, f.name) for f in model._meta.concrete_fields)
 
 
 def marks(n: int) -> str:
     """`%s, %s, …`: n parameters for an IN list."""
     return ", ".join(["%s"] * n)
-
-
-def aliased(model, alias: str, quote) -> str:
-    """Every column of the model as `alias.column`, in the order from_row() takes them."""
-    return ", ".join(f"{alias}.{quote(model, f.name)}" for f in model._meta.concrete_fields)
 
 
 def _converters_of(model, names: tuple) -> list:
@@ -75,7 +72,7 @@ def convert(model, names: tuple, values) -> list:
 
 
 def from_row(model, values):
-    """An instance of `model` from its concrete fields' values in column order (columns(), aliased()),
+    """An instance of `model` from its concrete fields' values in column order (columns()),
     converted as any queryset converts them; None when every value is NULL (a LEFT JOIN that found
     nothing)."""
     if all(value is None for value in values):

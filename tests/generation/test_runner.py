@@ -2,7 +2,6 @@
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from decimal import Decimal
 
 import httpx
@@ -17,7 +16,7 @@ from generation.models import RunStat, VideoJob, Workflow
 from gpu.models import ModelFile
 from gpu.models import GpuConfig
 from tests.doubles.comfyui import ComfyUIDouble
-from tests.helpers import png_bytes
+from tests.helpers import StaticServer, png_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
 S = VideoJob.Status
@@ -133,35 +132,14 @@ def test_a_cookie_one_job_s_comfyui_sets_never_rides_along_on_the_next_job_s_cal
     """Jobs share their worker's HTTP client (runner.shared_http): a cookie a ComfyUI or the proxy
     in front of it sets (a portal's session after a token) must not authenticate later jobs, which
     carry their own token."""
-    sent = []
-
-    class Portal(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):
-            sent.append(self.headers.get("Cookie"))
-            body = b'{"system": {"comfyui_version": "0.3.64"}, "devices": []}'
-            self.send_response(200)
-            self.send_header("Set-Cookie", "portal_session=granted; Path=/")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Portal)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    stats = (200, {"Set-Cookie": "portal_session=granted; Path=/", "Content-Type": "application/json"},
+             b'{"system": {"comfyui_version": "0.3.64"}, "devices": []}')
+    with StaticServer({"/system_stats": stats}) as portal:
         for _ in range(2):  # two jobs, each with its own ComfyUI client on the shared HTTP client
-            client = runner.ComfyUIClient(f"http://127.0.0.1:{server.server_address[1]}", http_client=runner.shared_http())
+            client = runner.ComfyUIClient(portal.url, http_client=runner.shared_http())
             client.system_stats()
             client.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert sent == [None, None]
+    assert [headers.get("Cookie") for headers in portal.headers_seen] == [None, None]
 
 
 def test_a_burst_of_progress_events_is_written_at_most_four_times_a_second(configured, user):
