@@ -67,12 +67,13 @@ class NotPlaced(Exception):
     the queue."""
 
 
-def target_for(job):
+def target_for(job, place=None):
     """(base_url, token, place) where this job runs. Raises NotPlaced when it is not bound to a
-    place that exists (see generation.scheduler)."""
+    place that exists (see generation.scheduler). `place`: capacity.resolve(job.place) when the
+    caller has just read it."""
     if not job.place or job.place == scheduler.FAL:
         raise NotPlaced("the job is not placed on a GPU")
-    place = capacity.resolve(job.place)
+    place = place or capacity.resolve(job.place)
     if place is None:
         raise NotPlaced("the GPU it was placed on is gone")
     # A claimed run stays where it was posted, even if the configured URL changes meanwhile.
@@ -167,10 +168,11 @@ def _fail(job, message, failure=None):
     failures.fail_job(job, message, failure)
 
 
-def advance(job_id, deadline: float, job=None) -> bool:
+def advance(job_id, deadline: float, job=None, place=None) -> bool:
     """Move the job forward until `deadline` (monotonic). Returns True once it is terminal, or
     when it went back to the queue (the scheduler hands it out again). `job`: the job as the
-    lease just read it, with its workflow and instance (tasks.lease_and_read), else it is read."""
+    lease just read it, with its workflow and instance (tasks.lease_and_read), else it is read;
+    `place`: its place as resolved with the lease, else it is resolved here."""
     if job is None:
         job = VideoJob.objects.select_related("workflow", "instance").filter(pk=job_id).first()
     if job is None or job.is_terminal:
@@ -185,7 +187,9 @@ def advance(job_id, deadline: float, job=None) -> bool:
             if job.cancel_requested:
                 job.transition(S.CANCELLED, error="Cancelled by the user.")
                 return True
-            target = claim_ids(job)
+            target = claim_ids(job, place)
+        if target is None and place is not None:
+            target = target_for(job, place)
         conn = Connection(job, target)
         if job.status in (S.QUEUED, S.PROVISIONING):
             submit(job, conn)
@@ -340,13 +344,13 @@ def _within_grace(job) -> bool:
     return (timezone.now() - job.unreachable_since).total_seconds() < UNREACHABLE_GRACE
 
 
-def claim_ids(job):
+def claim_ids(job, place=None):
     """Record where the job runs and its prompt/client ids before anything is posted, so a
     crash after the POST finds them and does not post again. Returns target_for(job), or None
     when the job was claimed before."""
     if job.prompt_id:
         return None
-    url, token, place = target_for(job)
+    url, token, place = target_for(job, place)
     fields = dict(scheduler.claim_fields(url, place), seed=job.seed if job.seed is not None else scheduler.new_seed())
     if not VideoJob.objects.filter(pk=job.pk, prompt_id="").update(submit_count=F("submit_count") + 1, **fields):
         job.refresh_from_db()  # another worker claimed it just now: its ids hold

@@ -162,15 +162,22 @@ def resolve(key: str) -> Place | None:
     config = GpuConfig.get()
     if key == CONFIG:
         return _config_place(config)
+    # Each read is one of the prebuilt ones (i2v.core.sql), so that a worker can read them
+    # ahead with its lease (generation.tasks.lease_and_read).
     kind, _, ident = key.partition(":")
     if kind == "server" and ident.isdigit():
-        server = ComfyUIServer.objects.filter(pk=int(ident), enabled=True).first()
+        server = next((s for s in _enabled_servers() if s.pk == int(ident)), None)
         return _server_place(server, config) if server else None
-    if kind == "vast":
-        instance = VastInstance.objects.filter(pk=ident, state=VastInstance.State.RUNNING).exclude(comfyui_url="").first() \
-            if _is_uuid(ident) else None
+    if kind == "vast" and _is_uuid(ident):
+        instance = next((i for i in VastInstance.objects.live_list() if i.pk == uuid.UUID(ident)
+                         and i.state == VastInstance.State.RUNNING and i.comfyui_url), None)
         return _instance_place(instance, config, 0) if instance else None
     return None
+
+
+def resolve_reads() -> list[tuple[str, list]]:
+    """The prebuilt SELECTs resolve() makes, for i2v.core.sql.read_ahead."""
+    return [GpuConfig.read(), VastInstance.objects.live_read(), servers_read()]
 
 
 def _is_uuid(text: str) -> bool:
