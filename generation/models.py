@@ -50,8 +50,8 @@ class VideoJobQuerySet(models.QuerySet):
         return None
 
     def update(self, **kwargs):
-        """Every job write goes through here or save(): both drop the jobs' cached API answer and
-        wake the requests waiting for them (generation.waiting)."""
+        """Every job write goes through here, save() or written(): each drops the jobs' cached API
+        answer and wakes the requests waiting for them (generation.waiting)."""
         from generation import jobcache, waiting
 
         if not (jobcache.enabled() or waiting.announcing()) or not jobcache.shows(kwargs):
@@ -64,9 +64,22 @@ class VideoJobQuerySet(models.QuerySet):
         if ids is None:
             ids = list(self.values_list("pk", flat=True))
         count = super().update(**kwargs)
-        jobcache.forget(*ids)
-        waiting.announce(*ids)
+        written(ids, kwargs)
         return count
+
+
+def written(job_ids, fields) -> None:
+    """What update() does once it has written these fields of these jobs, for a write made with
+    prebuilt SQL (i2v.core.sql): drop their cached answers and wake the requests waiting for them."""
+    from generation import jobcache, waiting
+
+    if not (jobcache.enabled() or waiting.announcing()) or not jobcache.shows(fields):
+        return
+    if not (jobcache.enabled() or waiting.announces_ids()):
+        waiting.announce()
+        return
+    jobcache.forget(*job_ids)
+    waiting.announce(*job_ids)
 
 
 class VideoJob(models.Model):
