@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, connections, transaction
+from django.db import IntegrityError, connection, transaction
 from django.urls import reverse
 from django.utils import timezone
 
@@ -55,12 +55,11 @@ JOB_JSON_FIELDS = (
 )
 
 
-def read_job(user, job_id, using="default"):
+def read_job(user, job_id):
     """The job `user` may see (owner, or any job for staff) with the columns job_json reads, or
     None. `GET /api/jobs/{id}` is what scripts poll, so this runs one prebuilt SELECT: building
     the same query through the ORM took ~1.5 ms a request, several times the query itself.
     Values pass through the same converters the ORM applies (UUIDs and datetimes on SQLite)."""
-    connection = connections[using]
     reader = _JOB_READERS.get(connection.vendor)
     if reader is None:
         reader = _JOB_READERS[connection.vendor] = _JobReader(connection)
@@ -87,14 +86,10 @@ class _JobReader:
 
     def read(self, connection, user, job_id):
         pk = VideoJob._meta.pk.get_db_prep_value(job_id, connection)
-        with connection.cursor() as cursor:
-            if user.is_staff:
-                cursor.execute(self.sql_any, [pk])
-            else:
-                cursor.execute(self.sql_owner, [pk, user.pk])
-            row = cursor.fetchone()
-        if row is None:
+        rows = fetch(self.sql_any, [pk]) if user.is_staff else fetch(self.sql_owner, [pk, user.pk])
+        if not rows:
             return None
+        row = rows[0]
         values = []
         for converters, value in zip(self.converters, row):
             for converter, col in converters:

@@ -47,7 +47,7 @@ from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
 from i2v.core import queue as q_tasks
-from i2v.core.sql import columns, convert, fetch, from_row, marks, prebuilt, read_ahead
+from i2v.core.sql import columns, convert, fetch, from_row, marks, prebuilt, read_ahead, write
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -466,8 +466,7 @@ def _save_state(state: SchedulerState) -> None:
         f"WHERE {q(SchedulerState, 'id')} = %s"))
     meta = SchedulerState._meta
     values = [meta.get_field(name).get_db_prep_save(getattr(state, name), connection) for name in _STATE_SAVED]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*values, state.pk])
+    write(sql, [*values, state.pk])
 
 
 _OCCUPYING_COLUMNS = ("id", "place", "owner", "workflow_slug", "width", "height", "frames", "started_at")
@@ -627,7 +626,7 @@ def _quotas(owners) -> dict:
         return {}
     head = prebuilt("userquota.of", lambda q: f"SELECT {columns(UserQuota, q)} FROM {q(UserQuota)} "
                                               f"WHERE {q(UserQuota, 'user')} IN ")
-    return {row.user_id: row for row in UserQuota.objects.raw(f"{head}({marks(len(owners))})", list(owners))}
+    return {quota.user_id: quota for quota in (from_row(UserQuota, row) for row in fetch(f"{head}({marks(len(owners))})", list(owners)))}
 
 
 _WAITING_COLUMNS = ("id", "owner", "backend", "workflow_slug", "width", "height", "frames")
@@ -641,18 +640,15 @@ def _waiting_rows(per_user: int | None = None) -> list[tuple]:
     def cols(q):
         return ", ".join(q(VideoJob, f) for f in _WAITING_COLUMNS)
 
-    with connection.cursor() as cursor:
-        if per_user is None:
-            cursor.execute(prebuilt("videojob.waiting_rows", lambda q: (
-                f"SELECT {cols(q)} FROM {q(VideoJob)} WHERE {_waiting_where(q)} ORDER BY {q(VideoJob, 'created_at')}"
-            )), list(WAITING))
-        else:
-            cursor.execute(prebuilt("videojob.waiting_rows_per_user", lambda q: (
-                f"SELECT {cols(q)} FROM (SELECT {cols(q)}, {q(VideoJob, 'created_at')}, ROW_NUMBER() OVER "
-                f"(PARTITION BY {q(VideoJob, 'owner')} ORDER BY {q(VideoJob, 'created_at')}) AS nth FROM {q(VideoJob)} "
-                f"WHERE {_waiting_where(q)}) AS w WHERE nth <= %s ORDER BY {q(VideoJob, 'created_at')}"
-            )), [*WAITING, per_user])
-        return cursor.fetchall()
+    if per_user is None:
+        return fetch(prebuilt("videojob.waiting_rows", lambda q: (
+            f"SELECT {cols(q)} FROM {q(VideoJob)} WHERE {_waiting_where(q)} ORDER BY {q(VideoJob, 'created_at')}"
+        )), list(WAITING))
+    return fetch(prebuilt("videojob.waiting_rows_per_user", lambda q: (
+        f"SELECT {cols(q)} FROM (SELECT {cols(q)}, {q(VideoJob, 'created_at')}, ROW_NUMBER() OVER "
+        f"(PARTITION BY {q(VideoJob, 'owner')} ORDER BY {q(VideoJob, 'created_at')}) AS nth FROM {q(VideoJob)} "
+        f"WHERE {_waiting_where(q)}) AS w WHERE nth <= %s ORDER BY {q(VideoJob, 'created_at')}"
+    )), [*WAITING, per_user])
 
 
 def _needed_per_user(counts: dict, clocks: "Clocks", weights: dict, picks: int) -> int:
@@ -741,9 +737,7 @@ def _bind_update(job_id, fields: dict, seed: int | None) -> int:
     params = [meta.get_field(name).get_db_prep_save(value, connection) for name, value in fields.items()]
     params += [seed] if seed is not None else []
     params += [meta.pk.get_db_prep_value(job_id, connection), *WAITING]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+    return write(sql, params)
 
 
 def _fail_or_note_waiting(the_plan, gpu_places, config, result, now):
@@ -936,9 +930,7 @@ def _learn(key: dict, seconds: float) -> int:
         f"{q(RunStat, 'runs')} = {q(RunStat, 'runs')} + 1, {q(RunStat, 'updated_at')} = %s "
         f"WHERE {' AND '.join(f'{q(RunStat, name)} = %s' for name in _KIND)}"))
     updated_at = RunStat._meta.get_field("updated_at").get_db_prep_value(timezone.now(), connection)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [seconds, seconds, updated_at, *(key[name] for name in _KIND)])
-        return cursor.rowcount
+    return write(sql, [seconds, seconds, updated_at, *(key[name] for name in _KIND)])
 
 
 # ---------------------------------------------------------------------- after the pass

@@ -135,6 +135,12 @@ if env("DATABASE_URL"):
         DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps the connections instead
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": 1, "max_size": env_int("I2V_DB_POOL_SIZE", 10), "timeout": 30.0}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("I2V_DB_PREPARED", True):
+        # The prebuilt statements on every job's way to its GPU are prepared once per connection
+        # (i2v.core.sql.execute asks for it). Django's own queries never are: its cursors bind on
+        # the client. psycopg prepares a statement it is not asked to only after this many runs,
+        # so in effect never. I2V_DB_PREPARED=0 behind a pooler that loses prepared statements.
+        DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = 2**31 - 1
 else:
     DATABASES = {
         "default": {
