@@ -105,6 +105,8 @@ def execute(*statements) -> list:
         return results
     import psycopg  # noqa: PLC0415 -- PostgreSQL's driver, present only where it is used
 
+    TUPLES_OK = psycopg.pq.ExecStatus.TUPLES_OK
+
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     connection.validate_thread_sharing()
@@ -118,7 +120,8 @@ def execute(*statements) -> list:
             with raw.pipeline() if len(statements) > 1 else contextlib.nullcontext():
                 for cursor, (sql, params) in zip(cursors, statements):
                     cursor.execute(sql, params, prepare=prepare)
-            results = [cursor.fetchall() if cursor.description is not None else cursor.rowcount for cursor in cursors]
+            # (Rows, as their result's status says: `description` builds every column's details.)
+            results = [cursor.fetchall() if cursor.pgresult.status == TUPLES_OK else cursor.rowcount for cursor in cursors]
         finally:
             for cursor in cursors:
                 cursor.close()
