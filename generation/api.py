@@ -283,12 +283,20 @@ async def get_job(request, job_id: uuid.UUID,
     user = request.auth
     if wait:
         watch = _Watch(user, job_id)
-        seen = await sync_to_async(watch)()
+        # What the script waits to see change is the job as this request first read it. Once
+        # watching, it is read again only if something was announced since that read (or no
+        # listener ran): one read fewer on most waits.
+        mark = waiting.heard()
+        seen = await sync_to_async(waiting.read_and_release)(watch)
         if seen is None:
             raise HttpError(404, "No such job.")
         if seen[0] not in VideoJob.TERMINAL:
-            await waiting.wait_for_change(job_id, watch, seen, wait)
-            return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
+            async with waiting.watching(job_id) as watching:
+                if mark is None or waiting.heard() != mark:
+                    if await watching.read(watch) != seen:
+                        return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
+                await watching.changed(watch, seen, wait)
+        return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
     return _json(await sync_to_async(_answer)(user, job_id, domain.base_url(request)))
 
 
@@ -321,10 +329,11 @@ async def _generate_waiting(request, backend_default):
     user = request.auth
     loop = asyncio.get_running_loop()
     deadline = loop.time() + prefer
-    state = (job["status"],)
     watch = _Watch(user, job["id"])
-    while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
-        state = await waiting.wait_for_change(job["id"], watch, state, deadline - loop.time())
+    async with waiting.watching(job["id"]) as watching:
+        state = await watching.read(watch)
+        while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
+            state = await watching.changed(watch, state, deadline - loop.time())
     if watch.job is not None:
         body = await sync_to_async(watch.answer)(domain.base_url(request))
     else:

@@ -13,6 +13,7 @@ A wake-up that gets lost costs at most FALLBACK_POLL seconds, never a wrong answ
 re-reads the job."""
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -176,6 +177,8 @@ class _Hub:
         self.task = None
         self.linger = None
         self.listening = asyncio.Event()
+        self.heard = 0  # announcements of any job the listener received so far (heard())
+        self.hearing = False  # whether the listener receives announcements now (not only polls)
         # The listener's own thread for the database: not a request's (a request's thread goes
         # away with the request, and the listener outlives any one of them).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="i2v-waiting")
@@ -244,6 +247,7 @@ class _Hub:
         last = {}
         loop = asyncio.get_running_loop()
         self.listening.set()
+        self.hearing, self.heard = bound is not None, self.heard + 1  # (what came while not listening is unknown)
         try:
             while True:
                 ids = list(self.waiters)
@@ -260,11 +264,13 @@ class _Hub:
                     continue
                 try:
                     await asyncio.wait_for(loop.sock_recv(bound[0], 64), FALLBACK_POLL)
+                    self.heard += 1
                     while bound[0].recv(64):  # drain: one query serves every datagram so far
                         pass
                 except (TimeoutError, BlockingIOError):
                     pass
         finally:
+            self.hearing = False
             if bound is not None:
                 bound[0].close()
                 bound[1].unlink(missing_ok=True)
@@ -275,19 +281,29 @@ class _Hub:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
                 self.listening.set()
+                self.hearing, self.heard = True, self.heard + 1  # (what came while not listening is unknown)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
+                        self.heard += 1
                         self._wake(message["data"].decode())
         finally:
+            self.hearing = False
             await client.aclose()
 
     async def _listen_postgresql(self):
         params = await self._in_thread(connections["default"].get_connection_params)
-        async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
-            await conn.execute(f"LISTEN {CHANNEL}")
-            self.listening.set()
-            async for notify in conn.notifies():
-                self._wake(notify.payload)
+        # Django's cursor class is a sync one: this connection is async, and keeps psycopg's own.
+        params.pop("cursor_factory", None)
+        try:
+            async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {CHANNEL}")
+                self.listening.set()
+                self.hearing, self.heard = True, self.heard + 1  # (what came while not listening is unknown)
+                async for notify in conn.notifies():
+                    self.heard += 1
+                    self._wake(notify.payload)
+        finally:
+            self.hearing = False
 
 
 _hubs = {}
@@ -308,7 +324,7 @@ def waiting_now() -> int:
     return sum(hub.count() for hub in _hubs.values())
 
 
-def _read_and_release(read):
+def read_and_release(read):
     """read(), then, when connections come from a pool (make run's web server on PostgreSQL),
     the request's connection back to it: a request waiting a minute must not hold one meanwhile,
     or a few waiting scripts would leave every other request waiting for a connection."""
@@ -319,25 +335,50 @@ def _read_and_release(read):
             connection.close()
 
 
-async def wait_for_change(job_id, read, seen, timeout: float):
-    """Return read()'s value as soon as it differs from `seen`, or after `timeout` seconds.
-    `read` is a plain (sync) function; it runs in a thread for the moment it takes."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + min(max(timeout, 0.0), MAX_WAIT)
+def heard() -> int | None:
+    """How many announcements this event loop's listener has heard, or None while none listens. The
+    same number before a read of a job and after watching() began means no change of any job was
+    announced in between, so the read still stands."""
+    hub = _hubs.get(asyncio.get_running_loop())
+    return hub.heard if hub is not None and hub.hearing else None
+
+
+@contextlib.asynccontextmanager
+async def watching(job_id):
+    """The job's announcements from here on (a _Watching). Registered before the caller first reads
+    the job, inside the block: a change made after that read cannot go unheard, and nothing needs
+    reading twice."""
     hub = _hub()
     event = await hub.watch(job_id)
     try:
-        while True:
-            event.clear()  # before the read: a change after it sets the event again
-            current = await sync_to_async(_read_and_release)(read)
-            if current != seen:
-                return current
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return current
-            try:
-                await asyncio.wait_for(event.wait(), min(remaining, FALLBACK_POLL))
-            except TimeoutError:
-                pass
+        yield _Watching(event)
     finally:
         await hub.unwatch(job_id, event)
+
+
+class _Watching:
+    def __init__(self, event):
+        self.event = event
+
+    async def read(self, read):
+        """read() (a plain sync function) in a thread for the moment it takes; a change announced
+        from here on wakes the next changed()."""
+        self.event.clear()
+        return await sync_to_async(read_and_release)(read)
+
+    async def changed(self, read, seen, timeout: float):
+        """read()'s value as soon as it differs from `seen` (what read() gave inside this block),
+        or `seen` after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(timeout, 0.0), MAX_WAIT)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return seen
+            try:
+                await asyncio.wait_for(self.event.wait(), min(remaining, FALLBACK_POLL))
+            except TimeoutError:
+                pass  # no word (the listener down?): read anyway
+            current = await self.read(read)
+            if current != seen:
+                return current

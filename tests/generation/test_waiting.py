@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 
 from generation import waiting
@@ -77,6 +78,53 @@ def test_a_write_however_it_names_the_job_wakes_its_waiter(api, user, requeued, 
     assert write(job) == 1
     waiter.join(timeout=30)
     assert out["value"].json()["note"] == "Waiting for a GPU." and out["took"] < 20
+
+
+@pytest.mark.parametrize("announcer", ["as configured", "postgresql"])
+def test_a_change_just_after_a_waiters_first_read_still_wakes_it(token, user, requeued, monkeypatch, settings,  # noqa: F811
+                                                                   announcer):
+    """A waiting request reads the job, then watches it; it reads it again only if some change was
+    announced in between. A change landing in that gap must still answer the script at once, and
+    not when the wait runs out. (On one event loop whose listener is up, as on a server where other
+    scripts wait: Django's async test client, another script waiting on another job.) Also with
+    PostgreSQL's LISTEN/NOTIFY, what announces on PostgreSQL without Redis."""
+    from django.test import AsyncClient
+
+    if announcer == "postgresql":
+        if connection.vendor != "postgresql":
+            pytest.skip(f"PostgreSQL only (this run uses {connection.vendor})")
+        settings.REDIS_URL = ""
+    monkeypatch.setattr(waiting, "FALLBACK_POLL", 60.0)
+    monkeypatch.setattr(waiting, "SQLITE_POLL", 60.0)
+    job, other = make_job(user, place=False), make_job(user, place=False)
+    first_read = waiting.read_and_release
+    changed = []
+
+    def read_then_change(read):
+        seen = first_read(read)
+        if not changed and getattr(read, "job_id", None) == job.id:  # this waiter's first read
+            changed.append(VideoJob.objects.filter(pk=job.pk).update(note="Waiting for a GPU."))
+        return seen
+
+    async def scenario():
+        client, auth = AsyncClient(), {"Authorization": f"Bearer {token}"}
+        elsewhere = asyncio.create_task(client.get(f"/api/jobs/{other.id}?wait=30", headers=auth))
+        while waiting.heard() is None and not elsewhere.done():  # until this loop's listener hears announcements
+            await asyncio.sleep(0.01)
+        assert not elsewhere.done(), elsewhere.result().content  # (it waits: a 401 or 404 would not)
+        monkeypatch.setattr(waiting, "read_and_release", read_then_change)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        resp = await client.get(f"/api/jobs/{job.id}?wait=30", headers=auth)
+        took = loop.time() - started
+        elsewhere.cancel()
+        await sync_to_async(lambda: connection.close())()  # the requests' thread's, before the test database goes
+        return resp, took
+
+    resp, took = asyncio.run(scenario())
+    assert changed == [1]
+    assert resp.status_code == 200 and resp.json()["note"] == "Waiting for a GPU."
+    assert took < 20  # answered on the change, long before the 30 s wait ran out
 
 
 def test_wait_runs_out_with_the_job_as_it_is(api, user, requeued):  # noqa: F811
