@@ -6,7 +6,8 @@
 The ComfyUI doubles run every prompt for a fixed `--run` seconds, one at a time each, as ComfyUI
 does. Overhead of a job = the time from the client's `POST /api/generate-video` to the client
 seeing it completed, minus ComfyUI's own execution (its history's execution_start →
-execution_success). "In a row" sends one job after another; "at once" sends `--concurrent` jobs
+execution_success). "In a row" sends one job after another (setup by setup in blocks of 5, the
+blocks in turn); "at once" sends `--concurrent` jobs
 together to as many GPUs (the configured URL plus ComfyUI servers added in the admin; the raw
 client sends job i to GPU i), so that what is measured is dispatch, not the jobs queueing for one
 GPU. Setups, all in one run:
@@ -67,6 +68,7 @@ def execution_seconds(comfy_urls, prompt_id) -> float:
 
 
 WORKERS = 12  # django-q2 worker processes per app: room for the jobs at once, and each job's slice
+BLOCK = 5  # jobs in a row of one setup before the next setup's
 
 
 class App(_app.App):
@@ -251,11 +253,17 @@ def main():
             "i2v, PostgreSQL + Redis": lambda i: pg.job(),
             "i2v, PostgreSQL + Redis, Prefer: wait": lambda i: pg.job(prefer=True),
         }
-        # Interleaved, so that every setup meets the machine in the same state (the floor included).
+        # In blocks of BLOCK jobs, each setup's block in turn: every setup meets the machine in the
+        # same state (the floor included), and within a block a setup's jobs are in a row: each
+        # starts while its own last one's tail (the run time learnt, the lease released, the queue
+        # looked at) is still running, as a script's next job would. Jobs interleaved one by one
+        # started each i2v job during the other app's tail instead: two servers sharing two cores,
+        # which no deployment runs.
         in_a_row = {name: [] for name in setups}
-        for _ in range(args.jobs):
+        for start in range(0, args.jobs, BLOCK):
             for name, one in setups.items():
-                in_a_row[name].append(one(0))
+                for _ in range(min(BLOCK, args.jobs - start)):
+                    in_a_row[name].append(one(0))
         at_once = {name: [] for name in setups}
         with ThreadPoolExecutor(args.concurrent) as pool:
             for _ in range(2):
