@@ -23,7 +23,8 @@ Then, setup by setup, the whole machine's CPU time per job (/proc/stat): on this
 the jobs at once share it with the web server, the workers, PostgreSQL, Redis and the doubles.
 Last, the least any dispatcher built from these parts (a Django API, a django-q2 queue, a database)
 must add to the floor, each part timed alone (parts()), in a row and for as many clients at once
-as the jobs at once: what "≤ 2 × the floor" leaves room for.
+as the jobs at once (on PostgreSQL + Redis, and at once also on SQLite + the ORM broker): what
+"≤ 2 × the floor" and the at-once goals leave room for.
 
 Goal: median ≤ 100 ms on SQLite, ≤ 50 ms on PostgreSQL + Redis, and ≤ 2 × the floor.
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and Redis on 127.0.0.1:6379, as `.ci/run` starts
@@ -35,6 +36,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -167,7 +169,8 @@ def figures(overheads):
 
 def parts(app, comfy_urls, rounds: int, concurrent: int = 1) -> dict:
     """What any dispatcher built from this stack's parts must add to the floor, each measured
-    alone against the running PostgreSQL + Redis app, interleaved with the floor; with
+    alone against a running app (PostgreSQL + Redis, or SQLite + the ORM broker through
+    parts_elsewhere()), interleaved with the floor; with
     `concurrent`, each part for that many clients at once (client i on GPU i), as the jobs at once:
 
     - the client's one request carrying the image (answered 422 before any job work: the
@@ -226,12 +229,31 @@ def parts(app, comfy_urls, rounds: int, concurrent: int = 1) -> dict:
     return {name: statistics.median(xs) * 1000 for name, xs in taken.items()}
 
 
+def parts_elsewhere(app, comfy_urls, rounds: int, concurrent: int) -> dict:
+    """parts() against another app, in a process of its own (Django is set up once per process, on
+    one database)."""
+    spec = {"env": app.env, "base": app.base, "headers": app.headers, "urls": comfy_urls, "rounds": rounds,
+            "concurrent": concurrent}
+    out = subprocess.run([sys.executable, __file__, "--parts-of", json.dumps(spec)], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env=app.env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _parts_of(spec: str) -> None:
+    spec = json.loads(spec)
+    app = argparse.Namespace(env=spec["env"], base=spec["base"], headers=spec["headers"])
+    print(json.dumps(parts(app, spec["urls"], spec["rounds"], spec["concurrent"])))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--run", type=float, default=0.5, help="seconds ComfyUI executes each prompt")
+    parser.add_argument("--parts-of", help=argparse.SUPPRESS)  # parts_elsewhere()'s process
     args = parser.parse_args()
+    if args.parts_of:
+        return _parts_of(args.parts_of)
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(ComfyUIDouble(run_seconds=args.run)).url for _ in range(args.concurrent)]
         sqlite = App(urls, postgres_redis=False)
@@ -273,6 +295,7 @@ def main():
         cpu = {name: cpu_per_job(one, max(5, args.jobs // 2)) for name, one in setups.items()}
         bound = parts(pg, urls, args.jobs)
         bound_at_once = parts(pg, urls, max(2, args.jobs // 5), args.concurrent)
+        sqlite_at_once = parts_elsewhere(sqlite, urls, max(2, args.jobs // 5), args.concurrent)
     print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms; {args.jobs} jobs in a row, "
           f"and {args.concurrent} at once on {args.concurrent} GPUs (twice), each setup in turn:")
     print(f"{'setup':<40} {'in a row: median':>17} {'p90':>7} {'× floor':>8} {'at once: median':>16} {'p90':>7} "
@@ -299,6 +322,13 @@ def main():
         print(f"{name:<40} {ms:8.1f} ms")
     total = bound_at_once["floor"] + least
     print(f"{'floor + every part':<40} {total:8.1f} ms = {total / bound_at_once['floor']:.2f} × floor at once, "
+          "before any scheduling, storing or answering")
+    least = sum(ms for name, ms in sqlite_at_once.items() if name != "floor")
+    print(f"\nThe same on SQLite + the ORM broker (its writes, its queue), {args.concurrent} clients at once:")
+    for name, ms in sqlite_at_once.items():
+        print(f"{name:<40} {ms:8.1f} ms")
+    total = sqlite_at_once["floor"] + least
+    print(f"{'floor + every part':<40} {total:8.1f} ms = {total / sqlite_at_once['floor']:.2f} × floor at once, "
           "before any scheduling, storing or answering")
 
 
