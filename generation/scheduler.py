@@ -626,7 +626,8 @@ def _quotas(owners) -> dict:
         return {}
     head = prebuilt("userquota.of", lambda q: f"SELECT {columns(UserQuota, q)} FROM {q(UserQuota)} "
                                               f"WHERE {q(UserQuota, 'user')} IN ")
-    return {quota.user_id: quota for quota in (from_row(UserQuota, row) for row in fetch(f"{head}({marks(len(owners))})", list(owners)))}
+    quotas = (from_row(UserQuota, row) for row in fetch(f"{head}({marks(len(owners))})", list(owners)))
+    return {quota.user_id: quota for quota in quotas}
 
 
 _WAITING_COLUMNS = ("id", "owner", "backend", "workflow_slug", "width", "height", "frames")

@@ -38,7 +38,7 @@ def warm_worker(sender=None, **kwargs):
         connection.ensure_connection()
         if connection.vendor == "postgresql":
             now = timezone.now()
-            lease_and_read(uuid.UUID(int=0), "", now, now)  # matches no job: builds its SQL and reads
+            lease_and_read(uuid.UUID(int=0), "", now, now)  # matches no job: builds and prepares its statements
         runner.warm()
     except Exception as exc:  # noqa: BLE001 - only a head start: the first task does it all itself
         log.warning("worker start: could not get ready ahead of the first task (%s)", exc)
