@@ -292,10 +292,9 @@ async def get_job(request, job_id: uuid.UUID,
             raise HttpError(404, "No such job.")
         if seen[0] not in VideoJob.TERMINAL:
             async with waiting.watching(job_id) as watching:
-                if mark is None or waiting.heard() != mark:
-                    if await watching.read(watch) != seen:
-                        return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
-                await watching.changed(watch, seen, wait)
+                unchanged = mark is not None and waiting.heard() == mark
+                if unchanged or await watching.read(watch) == seen:
+                    await watching.changed(watch, seen, wait)
         return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
     return _json(await sync_to_async(_answer)(user, job_id, domain.base_url(request)))
 

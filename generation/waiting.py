@@ -220,6 +220,12 @@ class _Hub:
     def count(self) -> int:
         return sum(len(events) for events in self.waiters.values())
 
+    def _set_hearing(self, hearing: bool) -> None:
+        """The listener starts or stops receiving announcements. Either way heard() moves on: what
+        was announced while it did not listen is unknown, so a read from before must be redone."""
+        self.hearing = hearing
+        self.heard += 1
+
     def _wake(self, message: str) -> None:
         for job_id in message.split(","):
             for event in self.waiters.get(job_id, ()):
@@ -247,7 +253,7 @@ class _Hub:
         last = {}
         loop = asyncio.get_running_loop()
         self.listening.set()
-        self.hearing, self.heard = bound is not None, self.heard + 1  # (what came while not listening is unknown)
+        self._set_hearing(bound is not None)
         try:
             while True:
                 ids = list(self.waiters)
@@ -270,7 +276,7 @@ class _Hub:
                 except (TimeoutError, BlockingIOError):
                     pass
         finally:
-            self.hearing = False
+            self._set_hearing(False)
             if bound is not None:
                 bound[0].close()
                 bound[1].unlink(missing_ok=True)
@@ -281,13 +287,13 @@ class _Hub:
             async with client.pubsub() as pubsub:
                 await pubsub.subscribe(CHANNEL)
                 self.listening.set()
-                self.hearing, self.heard = True, self.heard + 1  # (what came while not listening is unknown)
+                self._set_hearing(True)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self.heard += 1
                         self._wake(message["data"].decode())
         finally:
-            self.hearing = False
+            self._set_hearing(False)
             await client.aclose()
 
     async def _listen_postgresql(self):
@@ -298,12 +304,12 @@ class _Hub:
             async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
                 self.listening.set()
-                self.hearing, self.heard = True, self.heard + 1  # (what came while not listening is unknown)
+                self._set_hearing(True)
                 async for notify in conn.notifies():
                     self.heard += 1
                     self._wake(notify.payload)
         finally:
-            self.hearing = False
+            self._set_hearing(False)
 
 
 _hubs = {}
