@@ -87,16 +87,15 @@ def run_job(job_id):
             return lease_and_read(job_id, token, lease_until, now)
         return VideoJob.objects.filter(
             Q(lease_until__isnull=True) | Q(lease_until__lt=now), pk=job_id, status__in=VideoJob.ACTIVE
-        ).exclude(place="").update(lease_token=token, lease_until=lease_until)
+        ).exclude(place="").update(lease_token=token, lease_until=lease_until), None
 
     # A dead connection fails the lease, which with_database retries on a new one: the health
     # check Django would make first (CONN_HEALTH_CHECKS, a SELECT 1 round trip on every task) adds
     # nothing here.
     connection.health_check_done = True
-    leased = with_database(take_lease, until)
-    place = None
-    if isinstance(leased, tuple):  # PostgreSQL: the job and its place, read with the lease
-        leased, place = leased
+    # (PostgreSQL: the job and its place, read with the lease; elsewhere the rows leased, and both
+    # are read by advance.)
+    leased, place = with_database(take_lease, until)
     if not leased:
         if VideoJob.objects.filter(pk=job_id, place="", status__in=VideoJob.ACTIVE).exists():
             # Not placed yet (a redelivery, the watchdog): placing is the scheduler's.
