@@ -254,19 +254,33 @@ def _state_of(job):
 class _Watch:
     """Reads the state a waiting request watches (read_job: the job `user` may see), keeping the
     row it read: the answer is rendered from that row, not read again through the cache, which
-    the change that ended the wait has just emptied for this job."""
+    the change that ended the wait has just emptied for this job. A read that ends the wait
+    renders the answer in the same thread hop (`body`), on the way from the change to the script:
+    one that finds the job changed from `seen` (once set), or with `until_ended`, ended."""
 
-    def __init__(self, user, job_id):
-        self.user, self.job_id, self.job = user, job_id, None
+    def __init__(self, user, job_id, base: str, until_ended=False):
+        self.user, self.job_id, self.base, self.until_ended = user, job_id, base, until_ended
+        self.job = self.seen = self.body = None
 
     def __call__(self):
         self.job = domain.read_job(self.user, self.job_id)
-        return None if self.job is None else _state_of(self.job)
+        state = None if self.job is None else _state_of(self.job)
+        if self.job is None:
+            ends = False
+        elif self.until_ended:
+            ends = state[0] in VideoJob.TERMINAL
+        else:
+            ends = self.seen is not None and state != self.seen
+        self.body = _render(self.job, self.base) if ends else None
+        return state
 
-    def answer(self, base: str) -> bytes:
+    def answer(self) -> bytes:
         if self.job is None:
             raise HttpError(404, "No such job.")
-        return _render(self.job, base)
+        return self.body if self.body is not None else _render(self.job, self.base)
+
+    async def answer_async(self) -> bytes:
+        return self.body if self.body is not None else await sync_to_async(self.answer)()
 
 
 def _json(body: bytes, status=200) -> HttpResponse:
@@ -282,12 +296,12 @@ async def get_job(request, job_id: uuid.UUID,
     N seconds with it as it is. A waiting request holds no thread (generation/waiting.py)."""
     user = request.auth
     if wait:
-        watch = _Watch(user, job_id)
+        watch = _Watch(user, job_id, domain.base_url(request))
         # What the script waits to see change is the job as this request first read it. Once
         # watching, it is read again only if something was announced since that read (or no
         # listener ran): one read fewer on most waits.
         mark = waiting.heard()
-        seen = await sync_to_async(waiting.read_and_release)(watch)
+        seen = watch.seen = await sync_to_async(waiting.read_and_release)(watch)
         if seen is None:
             raise HttpError(404, "No such job.")
         if seen[0] not in VideoJob.TERMINAL:
@@ -295,7 +309,7 @@ async def get_job(request, job_id: uuid.UUID,
                 unchanged = mark is not None and waiting.heard() == mark
                 if unchanged or await watching.read(watch) == seen:
                     await watching.changed(watch, seen, wait)
-        return _json(await sync_to_async(watch.answer)(domain.base_url(request)))
+        return _json(await watch.answer_async())
     return _json(await sync_to_async(_answer)(user, job_id, domain.base_url(request)))
 
 
@@ -328,13 +342,13 @@ async def _generate_waiting(request, backend_default):
     user = request.auth
     loop = asyncio.get_running_loop()
     deadline = loop.time() + prefer
-    watch = _Watch(user, job["id"])
+    watch = _Watch(user, job["id"], domain.base_url(request), until_ended=True)
     async with waiting.watching(job["id"]) as watching:
         state = await watching.read(watch)
         while state is not None and state[0] not in VideoJob.TERMINAL and loop.time() < deadline:
             state = await watching.changed(watch, state, deadline - loop.time())
     if watch.job is not None:
-        body = await sync_to_async(watch.answer)(domain.base_url(request))
+        body = await watch.answer_async()
     else:
         body = await sync_to_async(_answer)(user, job["id"], domain.base_url(request))
     done = state is not None and state[0] in VideoJob.TERMINAL

@@ -30,7 +30,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from generation import failures, jobcache, progress as progress_model, scheduler, waiting
-from generation.models import VideoJob
+from generation.models import VideoJob, set_if
 from generation.workflow_schema import fill
 from gpu import capacity, netguard
 from gpu.comfyui import ComfyUIClient, ComfyUIError, find_outputs, run_outcome
@@ -389,7 +389,7 @@ def _post(client, job):
     if job.posted_at is None:
         # From here ComfyUI may hold the run: the job is never moved to another place unasked.
         now = timezone.now()
-        VideoJob.objects.filter(pk=job.pk, posted_at=None).update(posted_at=now)
+        set_if(job.pk, "posted_at", None, {"posted_at": now})
         job.posted_at = now
     try:
         client.submit(graph, prompt_id=job.prompt_id, client_id=job.client_id,
@@ -527,7 +527,7 @@ class Progress:
         if job.status == S.SUBMITTED:
             job.transition(S.RUNNING, **fields)
         else:
-            VideoJob.objects.filter(pk=job.pk, status=job.status).update(**fields)
+            set_if(job.pk, "status", job.status, fields)
             for key, value in fields.items():
                 setattr(job, key, value)
 

@@ -11,7 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from generation import runner, scheduler
-from generation.models import SchedulerState, VideoJob, Workflow
+from generation.models import SchedulerState, VideoJob, Workflow, set_if
 from gpu import capacity, netguard
 from gpu.capacity import Place
 from gpu.models import VastInstance
@@ -111,9 +111,7 @@ def run_job(job_id):
         log.warning("job %s: database unavailable during the slice (%s); continuing later", job_id, exc)
     finally:
         # Released before re-enqueueing: the next task must not find this lease and give up.
-        with_database(
-            lambda: VideoJob.objects.filter(pk=job_id, lease_token=token).update(lease_token="", lease_until=None), until
-        )
+        with_database(lambda: set_if(job_id, "lease_token", token, {"lease_token": "", "lease_until": None}), until)
     if not done:
         # The ORM broker enqueues into the database too.
         with_database(lambda: enqueue("generation.tasks.run_job", str(job_id)), until)

@@ -105,3 +105,35 @@ def test_two_concurrent_transitions_exactly_one_wins(django_user_model):
     job.refresh_from_db()
     winner = "cancel" if results["cancel"] else "upload"
     assert job.status == (S.CANCELLED if winner == "cancel" else S.UPLOADING)
+
+
+def test_a_compare_and_set_writes_every_kind_of_value_as_the_orm_reads_it_back(user):
+    """set_if (the prebuilt compare-and-set behind transitions, progress, posted_at and the lease's
+    release) stores datetimes, decimals, JSON, files and a related row as update() would, and
+    writes nothing when the job is no longer as expected."""
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from generation.models import set_if
+
+    job = make_job(user, S.RUNNING)
+    instance = VastInstance.objects.create(vast_id=4243)
+    now = timezone.now()
+    fields = {"status": S.COMPLETED, "finished_at": now, "cost_usd": Decimal("0.0123"), "video": "videos/x.mp4",
+              "node_timings": [["9", "SaveVideo", 0.5, 0.01]], "provider_urls": {"output": {"filename": "a.mp4"}},
+              "instance": instance, "eta_at": None, "progress": 1.0}
+    assert set_if(job.pk, "status", S.RUNNING, fields) is True
+    job.refresh_from_db()
+    assert (job.status, job.finished_at, job.cost_usd, job.video.name) == (S.COMPLETED, now, Decimal("0.0123"), "videos/x.mp4")
+    assert job.node_timings == [["9", "SaveVideo", 0.5, 0.01]] and job.provider_urls == {"output": {"filename": "a.mp4"}}
+    assert job.instance == instance and job.eta_at is None and job.progress == 1.0
+    # No longer running: a stale writer changes nothing.
+    assert set_if(job.pk, "status", S.RUNNING, {"progress": 0.5}) is False
+    job.refresh_from_db()
+    assert job.progress == 1.0
+    # Set only while still unset (posted_at: the POST to ComfyUI is stamped once).
+    assert set_if(job.pk, "posted_at", None, {"posted_at": now}) is True
+    assert set_if(job.pk, "posted_at", None, {"posted_at": timezone.now()}) is False
+    job.refresh_from_db()
+    assert job.posted_at == now
