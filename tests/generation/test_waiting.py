@@ -264,3 +264,15 @@ def test_fifty_waiting_clients_hold_no_thread_and_leave_when_they_disconnect(tmp
             web.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(web.pid, signal.SIGKILL)
+
+
+def test_the_sqlite_listener_reads_what_waiters_watch_of_few_jobs_or_many(user):
+    """The local listener's one query per wake-up (prebuilt up to PREBUILT_STATES jobs, the ORM
+    beyond) reads each watched job's status, step, progress, note and queue position as stored."""
+    jobs = [VideoJob.objects.create(owner=user, input_image="inputs/x.png", prompt="p", workflow_slug="smoke", width=64,
+                                    height=64, frames=17, fps=8, status=S.RUNNING, step=n, steps_total=50,
+                                    progress=n / 50, note=f"note {n}") for n in range(waiting.PREBUILT_STATES + 3)]
+    expected = {str(job.pk): (S.RUNNING, job.step, 50, job.progress, job.note, None) for job in jobs}
+    few = [str(job.pk) for job in jobs[:3]] + ["00000000-0000-0000-0000-000000000000"]  # one gone meanwhile
+    assert waiting._states(few) == {key: expected[key] for key in few[:3]}
+    assert waiting._states(list(expected)) == expected
