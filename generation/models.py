@@ -87,8 +87,9 @@ def written(job_ids, fields) -> None:
 def set_if(job_id, field: str, expected, fields: dict) -> bool:
     """Write `fields` of the job if its `field` is `expected` (None: IS NULL), announcing the write as
     update() does; whether it was written. Prebuilt SQL, one statement per set of fields: the ORM
-    took 1-2 ms of CPU to compile each of these compare-and-sets (a completion writes 14 fields),
-    on every job's way to its GPU and back. Values that are expressions go through the ORM."""
+    compiles each of these compare-and-sets anew, on every job's way to its GPU and back (a
+    completion's 14 fields, in-process on PostgreSQL: 0.61 ms of CPU through the ORM, 0.41-0.45 ms
+    prebuilt). Values that are expressions go through the ORM."""
     if any(hasattr(value, "resolve_expression") for value in fields.values()):
         return VideoJob.objects.filter(pk=job_id, **{field: expected}).update(**fields) == 1
     names = tuple(fields)
