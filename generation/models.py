@@ -3,7 +3,7 @@ from django.conf import settings
 from django.db import connection, models
 from django.utils import timezone
 
-from i2v.core.sql import prebuilt, write
+from i2v.core.sql import prebuilt, save_values, write
 
 from gpu.models import IllegalTransition, VastInstance
 
@@ -100,16 +100,9 @@ def set_if(job_id, field: str, expected, fields: dict) -> bool:
         return f"UPDATE {q(VideoJob)} SET {sets} WHERE {q(VideoJob, 'id')} = %s AND {q(VideoJob, field)} {test}"
 
     sql = prebuilt(f"videojob.set:{','.join(names)}:{field}:{test}", build)
-    meta = VideoJob._meta
-    params = []
-    for name, value in fields.items():
-        model_field = meta.get_field(name)
-        if model_field.remote_field is not None and hasattr(value, "prepare_database_save"):
-            value = value.prepare_database_save(model_field)  # a related row: its key, as update() takes it
-        params.append(model_field.get_db_prep_save(value, connection))
-    params.append(meta.pk.get_db_prep_value(job_id, connection))
+    params = save_values(VideoJob, fields) + [VideoJob._meta.pk.get_db_prep_value(job_id, connection)]
     if expected is not None:
-        params.append(meta.get_field(field).get_db_prep_save(expected, connection))
+        params += save_values(VideoJob, {field: expected})
     if write(sql, params) != 1:
         return False
     written([job_id], fields)

@@ -47,7 +47,7 @@ from gpu import capacity
 from gpu.lifecycle import ProvisioningError, create_instance, destroy_instance
 from gpu.models import GpuConfig, VastInstance
 from i2v.core import queue as q_tasks
-from i2v.core.sql import columns, convert, fetch, from_row, marks, prebuilt, read_ahead, write
+from i2v.core.sql import columns, convert, fetch, from_row, marks, prebuilt, read_ahead, save_values, write
 
 log = logging.getLogger(__name__)
 S = VideoJob.Status
@@ -464,8 +464,7 @@ def _save_state(state: SchedulerState) -> None:
     sql = prebuilt("schedulerstate.save", lambda q: (
         f"UPDATE {q(SchedulerState)} SET {', '.join(f'{q(SchedulerState, name)} = %s' for name in _STATE_SAVED)} "
         f"WHERE {q(SchedulerState, 'id')} = %s"))
-    meta = SchedulerState._meta
-    values = [meta.get_field(name).get_db_prep_save(getattr(state, name), connection) for name in _STATE_SAVED]
+    values = save_values(SchedulerState, {name: getattr(state, name) for name in _STATE_SAVED})
     write(sql, [*values, state.pk])
 
 
@@ -734,10 +733,9 @@ def _bind_update(job_id, fields: dict, seed: int | None) -> int:
                 f"AND {q(VideoJob, 'prompt_id')} = '' AND {q(VideoJob, 'status')} IN ({marks(len(WAITING))})")
 
     sql = prebuilt(f"videojob.bind:{','.join(names)}:{seed is not None}", build)
-    meta = VideoJob._meta
-    params = [meta.get_field(name).get_db_prep_save(value, connection) for name, value in fields.items()]
+    params = save_values(VideoJob, fields)
     params += [seed] if seed is not None else []
-    params += [meta.pk.get_db_prep_value(job_id, connection), *WAITING]
+    params += [VideoJob._meta.pk.get_db_prep_value(job_id, connection), *WAITING]
     return write(sql, params)
 
 

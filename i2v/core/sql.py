@@ -80,6 +80,20 @@ def convert(model, names: tuple, values) -> list:
     return values
 
 
+def save_values(model, fields: dict) -> list:
+    """These fields' values (names or attnames) as a prebuilt write's parameters, prepared as
+    QuerySet.update() prepares them: a related row becomes its key, then each field's database
+    preparation (datetimes and UUIDs as SQLite stores them, JSON as the driver takes it)."""
+    meta = model._meta
+    params = []
+    for name, value in fields.items():
+        field = meta.get_field(name)
+        if field.remote_field is not None and hasattr(value, "prepare_database_save"):
+            value = value.prepare_database_save(field)
+        params.append(field.get_db_prep_save(value, connection))
+    return params
+
+
 def from_row(model, values):
     """An instance of `model` from its concrete fields' values in column order (columns()),
     converted as any queryset converts them; None when every value is NULL (a LEFT JOIN that found
