@@ -271,6 +271,17 @@ def _parts_of(spec: str) -> None:
     print(json.dumps(parts(app, spec["urls"], spec["rounds"], spec["concurrent"])))
 
 
+def print_parts(heading: str, found: dict, times: str) -> None:
+    """parts()'s figures, each part on its line (the parts chained printed apart), and their sum."""
+    print(heading)
+    for name, ms in found.items():
+        if name != CHAINED:
+            print(f"{name:<40} {ms:8.1f} ms")
+    total = found["floor"] + sum(ms for name, ms in found.items() if name not in ("floor", CHAINED))
+    print(f"{'floor + every part':<40} {total:8.1f} ms = {total / found['floor']:.2f} {times}, "
+          "before any scheduling, storing or answering")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20)
@@ -334,30 +345,12 @@ def main():
           f"and this client), {max(5, args.jobs // 2)} jobs in a row per setup:")
     for name in setups:
         print(f"{name:<40} {cpu[name]:8.1f} ms   {cpu[name] / cpu['raw client (floor)']:5.2f} × floor")
-    least = sum(ms for name, ms in bound.items() if name != "floor")
-    print(f"\nThe least any dispatcher on these parts adds (medians of {args.jobs}, PostgreSQL + Redis, each part "
-          "alone, interleaved with the floor):")
-    for name, ms in bound.items():
-        print(f"{name:<40} {ms:8.1f} ms")
-    print(f"{'floor + every part':<40} {bound['floor'] + least:8.1f} ms = {(bound['floor'] + least) / bound['floor']:.2f} "
-          "× floor, before any scheduling, storing or answering")
-    least = sum(ms for name, ms in bound_at_once.items() if name not in ("floor", CHAINED))
-    print(f"\nThe same with {args.concurrent} clients at once, each part at once (medians of {max(2, args.jobs // 5)} rounds "
-          f"of {args.concurrent}):")
-    for name, ms in bound_at_once.items():
-        if name != CHAINED:
-            print(f"{name:<40} {ms:8.1f} ms")
-    total = bound_at_once["floor"] + least
-    print(f"{'floor + every part':<40} {total:8.1f} ms = {total / bound_at_once['floor']:.2f} × floor at once, "
-          "before any scheduling, storing or answering")
-    least = sum(ms for name, ms in sqlite_at_once.items() if name not in ("floor", CHAINED))
-    print(f"\nThe same on SQLite + the ORM broker (its writes, its queue), {args.concurrent} clients at once:")
-    for name, ms in sqlite_at_once.items():
-        if name != CHAINED:
-            print(f"{name:<40} {ms:8.1f} ms")
-    total = sqlite_at_once["floor"] + least
-    print(f"{'floor + every part':<40} {total:8.1f} ms = {total / sqlite_at_once['floor']:.2f} × floor at once, "
-          "before any scheduling, storing or answering")
+    print_parts(f"\nThe least any dispatcher on these parts adds (medians of {args.jobs}, PostgreSQL + Redis, each part "
+                "alone, interleaved with the floor):", bound, "× floor")
+    print_parts(f"\nThe same with {args.concurrent} clients at once, each part at once (medians of "
+                f"{max(2, args.jobs // 5)} rounds of {args.concurrent}):", bound_at_once, "× floor at once")
+    print_parts(f"\nThe same on SQLite + the ORM broker (its writes, its queue), {args.concurrent} clients at once:",
+                sqlite_at_once, "× floor at once")
     for where, found in (("PostgreSQL + Redis", bound_at_once), ("SQLite + the ORM broker", sqlite_at_once)):
         print(f"The parts in turn per client, {args.concurrent} clients together, {where}: {found[CHAINED]:.1f} ms "
               "(one job of the least dispatcher, its parts meeting other jobs' parts)")
