@@ -2,7 +2,6 @@ import os
 
 import django
 from django.conf import settings
-from django.core.asgi import get_asgi_application
 from django.test.utils import override_settings
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "i2v.settings")
@@ -10,11 +9,13 @@ django.setup(set_prefix=False)
 
 from servestatic import ServeStaticASGI  # noqa: E402  (after Django is set up)
 
+from i2v.handler import ASGIHandler  # noqa: E402
 from i2v.middleware import on_the_loop  # noqa: E402
 from i2v.static import serve  # noqa: E402
 
-# The handler loads its middlewares when built: Django's, with their hooks on the event loop
-# (i2v/middleware.py). Static files are answered in front of it (i2v/static.py).
+# Django's handler, its requests' threads pooled (i2v/handler.py). It loads its middlewares when
+# built: Django's, with their hooks on the event loop (i2v/middleware.py). Static files are answered
+# in front of it (i2v/static.py).
 with override_settings(MIDDLEWARE=on_the_loop(settings.MIDDLEWARE)):
-    application = get_asgi_application()
+    application = ASGIHandler()
 application = serve(ServeStaticASGI, application)

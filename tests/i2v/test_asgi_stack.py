@@ -2,7 +2,9 @@
 on the event loop: logging in, CSRF, flash messages and the security headers behave as they do
 under WSGI. Driven by Django's AsyncClient (the async handler and middleware chain)."""
 
+import asyncio
 import re
+import threading
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -85,3 +87,83 @@ def test_an_api_request_by_token_sets_no_cookie(path, token):
     assert resp.status_code == 200
     assert not resp.cookies
     assert resp["X-Content-Type-Options"] == "nosniff"
+
+
+def serve(app, path, token):
+    """One GET through the ASGI application as the web server makes it (a coroutine function); its
+    status."""
+    async def run():
+        sent, done = [], asyncio.Event()
+        first = True
+
+        async def receive():
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # the client stays until its answer is sent
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+                   "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                   "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())],
+                   "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}, receive, send)
+        done.set()
+        return next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
+    return run
+
+
+@pytest.fixture
+def served(monkeypatch, transactional_db):
+    """The web server's Django handler (i2v/asgi.py) with a pool of its own, and for each request that
+    ended: its thread and its database connection."""
+    from django.core.signals import request_finished
+    from django.db import connection
+
+    from i2v.asgi import application
+    from i2v.handler import RequestThreads
+
+    handler = application.application
+    monkeypatch.setattr(handler, "threads", RequestThreads())
+    ended = []
+
+    def record(**kwargs):  # a receiver runs on the request's thread, after Django's connection check
+        ended.append((threading.get_ident(), id(connection.connection)))
+
+    request_finished.connect(record)
+    yield handler, ended
+    request_finished.disconnect(record)
+
+
+def test_requests_one_after_another_share_a_thread_and_its_connection_and_at_once_each_has_its_own(served, token):
+    handler, ended = served
+    for _ in range(3):
+        assert asyncio.run(serve(handler, "/api/jobs", token)()) == 200
+    assert len(set(ended)) == 1, ended  # one thread, one database connection, made once
+    assert handler.threads.made == 1
+
+    async def together():
+        return await asyncio.gather(serve(handler, "/api/jobs", token)(), serve(handler, "/api/jobs", token)())
+
+    assert asyncio.run(together()) == [200, 200]
+    assert len({thread for thread, _ in ended[3:]}) == 2  # two requests in flight: a thread each
+    assert handler.threads.made == 2 and len(handler.threads.idle) == 2
+
+
+def test_a_thread_still_running_a_cancelled_request_is_not_handed_to_the_next():
+    from i2v.handler import RequestThreads
+
+    threads = RequestThreads()
+    executor = threads.take()
+    release = threading.Event()
+    running = executor.submit(release.wait)  # a view whose client went away goes on in its thread
+    threads.give_back(executor)
+    assert threads.take() is not executor  # a new thread for the next request meanwhile
+    release.set()
+    running.result()
+    executor.submit(lambda: None).result()  # the pool takes it back after what it was running
+    assert list(threads.idle) == [executor]
+    assert threads.take() is executor
