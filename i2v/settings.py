@@ -144,7 +144,7 @@ if env("DATABASE_URL"):
 else:
     DATABASES = {
         "default": {
-            "ENGINE": "django.db.backends.sqlite3",
+            "ENGINE": "i2v.sqlite",  # Django's, its writers queued on a lock file (i2v/sqlite/base.py)
             "NAME": DATA_DIR / "db.sqlite3",
             # Kept between a worker's tasks (django-q2 closes expired ones before each task).
             "CONN_MAX_AGE": 60,

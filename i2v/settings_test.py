@@ -17,7 +17,7 @@ os.environ.setdefault("VASTAI_PACE_SCALE", "0.001")
 from i2v.settings import *  # noqa: E402,F401,F403
 from i2v.settings import DATA_DIR, DATABASES, Q_CLUSTER  # noqa: E402
 
-if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+if "sqlite" in DATABASES["default"]["ENGINE"]:
     # A file, not :memory:, so a worker process started by a test sees the same database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 

@@ -33,7 +33,7 @@ def settings_in_fresh_process(tmp_path, **env):
 
 def test_defaults_are_sqlite_orm_broker_local_files(tmp_path):
     s = settings_in_fresh_process(tmp_path)
-    assert s["engine"] == "django.db.backends.sqlite3"
+    assert s["engine"] == "i2v.sqlite"
     assert s["db_name"] == str(tmp_path / "db.sqlite3")
     assert s["broker"] == "WakingORM"  # django-q2's ORM broker, woken on enqueue (i2v/broker.py)
     assert s["storage"] == "django.core.files.storage.FileSystemStorage"
