@@ -5,6 +5,7 @@ under WSGI. Driven by Django's AsyncClient (the async handler and middleware cha
 import asyncio
 import re
 import threading
+import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -121,7 +122,7 @@ def served(monkeypatch, transactional_db):
     """The web server's Django handler (i2v/asgi.py) with a pool of its own, and for each request that
     ended: its thread and its database connection."""
     from django.core.signals import request_finished
-    from django.db import connection
+    from django.db import connection, connections
 
     from i2v.asgi import application
     from i2v.handler import RequestThreads
@@ -136,12 +137,25 @@ def served(monkeypatch, transactional_db):
     request_finished.connect(record)
     yield handler, ended
     request_finished.disconnect(record)
+    all_back(handler.threads)
+    for executor in handler.threads.idle:  # their connections closed, as a process's end closes them
+        executor.submit(connections.close_all).result()
+        executor.shutdown()
+
+
+def all_back(threads):
+    """Wait until every thread made is back in the pool (each goes back from its own thread)."""
+    deadline = time.monotonic() + 10
+    while len(threads.idle) < threads.made:
+        assert time.monotonic() < deadline, "a request's thread never went back to the pool"
+        time.sleep(0.001)
 
 
 def test_requests_one_after_another_share_a_thread_and_its_connection_and_at_once_each_has_its_own(served, token):
     handler, ended = served
     for _ in range(3):
         assert asyncio.run(serve(handler, "/api/jobs", token)()) == 200
+        all_back(handler.threads)
     assert len(set(ended)) == 1, ended  # one thread, one database connection, made once
     assert handler.threads.made == 1
 
@@ -150,7 +164,8 @@ def test_requests_one_after_another_share_a_thread_and_its_connection_and_at_onc
 
     assert asyncio.run(together()) == [200, 200]
     assert len({thread for thread, _ in ended[3:]}) == 2  # two requests in flight: a thread each
-    assert handler.threads.made == 2 and len(handler.threads.idle) == 2
+    all_back(handler.threads)
+    assert handler.threads.made == 2
 
 
 def test_a_thread_still_running_a_cancelled_request_is_not_handed_to_the_next():
