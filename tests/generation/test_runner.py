@@ -1,8 +1,10 @@
 """A job's whole path against the ComfyUI double: submit once, follow, store, fail, cancel, recover."""
 
+import json
 import threading
 import time
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -368,8 +370,9 @@ def test_a_run_heard_whole_on_the_websocket_ends_without_asking_the_history_agai
     comfy.run_seconds = 0.2
     job = run_to_end(make_job(user))
     assert job.status == S.COMPLETED, job.error
-    # Once, as following began (a run ComfyUI lost is found there); not again at the end.
-    assert comfy.count("GET", f"/history/{job.prompt_id}") == 1
+    # Never: the socket was open before the prompt was posted, and the run started at once (a run
+    # that waits in ComfyUI's queue is asked about after FIRST_LOOK; see the next test).
+    assert comfy.count("GET", f"/history/{job.prompt_id}") == 0 and comfy.count("GET", "/queue") == 0
     out = job.provider_urls["output"]
     assert default_storage.open(job.video.name).read() == comfy.output_bytes(out["filename"], out["subfolder"])
     messages = dict(httpx.get(f"{comfy.url}/history/{job.prompt_id}").json()[job.prompt_id]["status"]["messages"])
@@ -378,12 +381,35 @@ def test_a_run_heard_whole_on_the_websocket_ends_without_asking_the_history_agai
     assert stat.runs == 1 and stat.mean_seconds == pytest.approx(ran)
 
 
+def test_a_prompt_waiting_behind_another_in_comfyuis_queue_shows_its_place(configured, user):
+    """Someone else's prompt runs on the GPU: the job's prompt waits in ComfyUI's queue, which the
+    worker asks once the run has not started within FIRST_LOOK; the job shows its place there."""
+    comfy = configured
+    comfy.hold = threading.Event()
+    graph = json.loads((Path(__file__).resolve().parents[2] / "generation/workflows/smoke.json").read_text())
+    name = httpx.post(f"{comfy.url}/upload/image", files={"image": ("other.png", png_bytes(), "image/png")}).json()["name"]
+    prompt = graph["graph"]
+    for node, field in graph["bindings"]["image"]:
+        prompt[node]["inputs"][field] = name
+    assert httpx.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": "someone-else"}).status_code == 200
+    comfy.wait_held()
+    job = make_job(user)
+    worker = in_thread(run_to_end, job)
+    row = wait_for_row(job, lambda r: r.queue_position == 1)
+    assert row.status == S.SUBMITTED and row.queue_position == 1  # one run ahead of it
+    assert comfy.count("GET", "/queue") >= 1
+    comfy.hold.set()
+    worker.join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == S.COMPLETED, job.error
+
+
 def test_dropped_websocket_falls_back_to_polling(configured, user):
     configured.drop_websocket_after = 2
     configured.run_seconds = 0.5
     job = run_to_end(make_job(user))
     assert job.status == S.COMPLETED, job.error
-    assert configured.count("GET", "/history/*") >= 2
+    assert configured.count("GET", "/history/*") >= 1  # the socket never carried the run's end
 
 
 def test_token_is_sent_to_comfyui(configured, user):
