@@ -625,6 +625,8 @@ def _follow_events(job, deadline, conn, progress, item, first_look=None):
             due = progress.due_in()
             if due is not None:
                 wait = min(wait, due)
+            if look_at is not None and heard.start is not None:
+                look_at = None  # the run started: no first look (waiting for it would spin)
             if look_at is not None:
                 wait = min(wait, max(0.0, look_at - time.monotonic()))
             try:

@@ -381,6 +381,25 @@ def test_a_run_heard_whole_on_the_websocket_ends_without_asking_the_history_agai
     assert stat.runs == 1 and stat.mean_seconds == pytest.approx(ran)
 
 
+def test_following_a_run_takes_next_to_no_cpu_while_it_waits_for_events(configured, user):
+    """The worker sleeps on the websocket between events: past FIRST_LOOK, a run that started
+    is not looked at again (waiting for that look would spin)."""
+    comfy = configured
+    comfy.run_seconds = 1.5
+    job = make_job(user)
+    spent = []
+
+    def run():
+        started = time.thread_time()
+        run_to_end(job)
+        spent.append(time.thread_time() - started)
+
+    in_thread(run).join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == S.COMPLETED, job.error
+    assert spent[0] < 0.5, f"the worker's thread used {spent[0]:.2f} s of CPU over a 1.5 s run"
+
+
 def test_a_prompt_waiting_behind_another_in_comfyuis_queue_shows_its_place(configured, user):
     """Someone else's prompt runs on the GPU: the job's prompt waits in ComfyUI's queue, which the
     worker asks once the run has not started within FIRST_LOOK; the job shows its place there."""
