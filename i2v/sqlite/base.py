@@ -93,22 +93,18 @@ class CursorWrapper(base.SQLiteCursorWrapper):
     wrapper = None  # the DatabaseWrapper, set by create_cursor
 
     def execute(self, query, params=None):
-        gate = self.wrapper.gate_for(query)
-        if gate is None:
-            return super().execute(query, params)
-        gate.enter(self.wrapper.timeout)
-        try:
-            return super().execute(query, params)
-        finally:
-            gate.leave()
+        return self._through_gate(query, super().execute, params)
 
     def executemany(self, query, param_list):
+        return self._through_gate(query, super().executemany, param_list)
+
+    def _through_gate(self, query, run, params):
         gate = self.wrapper.gate_for(query)
         if gate is None:
-            return super().executemany(query, param_list)
+            return run(query, params)
         gate.enter(self.wrapper.timeout)
         try:
-            return super().executemany(query, param_list)
+            return run(query, params)
         finally:
             gate.leave()
 
