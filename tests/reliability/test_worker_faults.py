@@ -210,8 +210,10 @@ def test_sigkill_mid_upload(api, workers, configured):
 def test_history_errors_end_in_recovery_or_a_clear_failure(api, workers, configured, status, body, content_type, outcome):
     """A 5xx or a non-JSON body is a hiccup: retried (within the runner's unreachable grace) and the
     job completes. An answer of the wrong shape means this is not the ComfyUI API the job was sent
-    to: the job fails at once with a message naming it, and nothing is posted twice."""
-    with ComfyUIDouble(run_seconds=0.3) as comfy:
+    to: the job fails at once with a message naming it, and nothing is posted twice. The websocket
+    drops after its first message, so the worker follows each run through the history (a run the
+    socket carries whole never asks it)."""
+    with ComfyUIDouble(run_seconds=0.3, drop_websocket_after=1) as comfy:
         configured(comfy)
         comfy.fail_http("/history*", times=6, status=status, body=body, content_type=content_type)
         workers.start()
