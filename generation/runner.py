@@ -625,8 +625,6 @@ def _follow_events(job, deadline, conn, progress, item, first_look=None):
             due = progress.due_in()
             if due is not None:
                 wait = min(wait, due)
-            if look_at is not None and heard.start is not None:
-                look_at = None  # the run started: no first look (waiting for it would spin)
             if look_at is not None:
                 wait = min(wait, max(0.0, look_at - time.monotonic()))
             try:
@@ -638,11 +636,13 @@ def _follow_events(job, deadline, conn, progress, item, first_look=None):
                 ended = _on_event(job, progress, ev)
                 if (item := heard.note(ev)) is not None:
                     break
+                if heard.start is not None:
+                    look_at = None  # the run started: no first look (waiting for it would spin)
             if not ended:
                 progress.tick()
         else:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        first = look_at is not None and heard.start is None and time.monotonic() >= look_at
+        first = look_at is not None and time.monotonic() >= look_at
         if ended or first or time.monotonic() - last_poll >= POLL_EVERY:
             last_poll, look_at = time.monotonic(), None
             item = _check_history(client, job)
