@@ -53,7 +53,11 @@ def test_jobs_on_an_adopted_instance_complete_when_its_tunnel_rotates(api, staff
             job_ids.append(resp.json()["id"])
         with qcluster(VASTAI_API_KEY=vast.api_key, VASTAI_API_URL=vast.url, VASTAI_RETRY_BACKOFF=0.01,
                       I2V_FOLLOW_SLICE=2) as worker:
-            comfy.wait_for(lambda c: c.running_prompt_id and len(c.pending_prompt_ids) == 1, timeout=60)
+            # The queued job's worker asks its place in the queue FIRST_LOOK after posting: once it has,
+            # the tunnel rotates (rotating during that look drops its connection, and the move is
+            # then found without the old URL ever answering 530).
+            comfy.wait_for(lambda c: c.running_prompt_id and len(c.pending_prompt_ids) == 1
+                           and c.count("GET", "/queue") >= 1, timeout=60)
             old_tunnel = vast.tunnel(vast_id)
             new_url = vast.rotate_tunnel(vast_id)  # cloudflared restarted: the old URL answers 530 / error 1033
             comfy.hold.set()
