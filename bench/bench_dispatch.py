@@ -246,7 +246,11 @@ def parts(app, comfy_urls, rounds: int, concurrent: int = 1) -> dict:
         steps[CHAINED] = chained
     taken = {name: [] for name in steps}
     # The steps run on the pool's threads even one at a time: each keeps its database connection.
-    with httpx.Client(base_url=f"{app.base}/api", headers=app.headers, timeout=30, verify=TLS) as api, \
+    # The server (gunicorn's keepalive) closes a connection idle for 2 s; httpx keeps one for 5 s.
+    # A request sent on a connection the server is closing is lost ("Server disconnected"): the
+    # client lets its connections go after 1 s, before the server does.
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    with httpx.Client(base_url=f"{app.base}/api", headers=app.headers, timeout=30, verify=TLS, limits=limits) as api, \
             ThreadPoolExecutor(concurrent) as pool:
         for _ in range(rounds):
             for name, step in steps.items():
