@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -101,6 +102,18 @@ def warm() -> None:
     jobcache.get(uuid.UUID(int=0))  # the shared cache's connection (Redis), when it is on
     waiting.warm()
     mimetypes.init()  # the upload names the image's type: reading the system's type lists takes ms
+
+
+_openers = {}
+
+
+def _opener() -> ThreadPoolExecutor:
+    """The worker process's threads that open jobs' websockets (open_events_soon). Keyed by the
+    process: a fork leaves the parent's threads behind."""
+    pid = os.getpid()
+    if pid not in _openers:
+        _openers[pid] = ThreadPoolExecutor(4, thread_name_prefix="i2v-ws-open")
+    return _openers[pid]
 
 
 _shared_http = {}
@@ -285,11 +298,25 @@ class Connection:
         self.client = client_for(job, target)
         self.events = None
         self._cm = None
+        self._opening = None  # open_events_soon()'s handshake under way
         self.run_ended = False
 
+    def open_events_soon(self, client_id):
+        """Start opening the websocket on a helper thread, while this one reads and uploads the
+        image: the handshake (a TCP connect, the upgrade, websockets' reader thread) and the upload
+        wait on ComfyUI side by side, not one after the other. open_events() waits for it."""
+        if self.events is None and self._opening is None:
+            self._opening = _opener().submit(self._open, client_id)
+
     def open_events(self, client_id):
-        if self.events is not None:
-            return
+        """The websocket, open once this returns (or None: followed by polling)."""
+        if self._opening is not None:
+            opening, self._opening = self._opening, None
+            opening.result()  # ComfyUIError is handled in _open; anything else raises here
+        if self.events is None:
+            self._open(client_id)
+
+    def _open(self, client_id):
         try:
             self._cm = self.client.events(client_id, open_timeout=self.client.read_timeout)
             self.events = self._cm.__enter__()
@@ -299,6 +326,12 @@ class Connection:
 
     def drop_events(self, wait=True):
         """Close the websocket; with wait=False the close handshake runs in the background."""
+        if self._opening is not None:  # a handshake under way ends first: its socket is closed too
+            opening, self._opening = self._opening, None
+            try:
+                opening.result()
+            except Exception:  # noqa: BLE001 - it opened nothing to close
+                pass
         cm, self._cm, self.events = self._cm, None, None
         if cm is None:
             return
@@ -365,14 +398,18 @@ def claim_ids(job, place=None):
 
 def submit(job, conn) -> bool:
     """Upload the image and POST the prompt, exactly once per run (see module docstring); whether
-    it was posted now."""
-    conn.open_events(job.client_id)
-    # A retry (or a duplicate task) may find the prompt already received: follow it instead.
-    # Before the first POST was attempted ComfyUI cannot know it: no need to ask.
-    if job.posted_at is not None and _known_to_comfyui(conn.client, job.prompt_id):
-        job.transition(S.SUBMITTED)
-        return False
-    _post(conn.client, job)
+    it was posted now. The websocket is open before the POST (and before a retry asks whether
+    ComfyUI has the prompt already): ComfyUI does not keep the events of a client not connected."""
+    if job.posted_at is None:
+        conn.open_events_soon(job.client_id)  # the upload goes on meanwhile; open before the POST
+    else:
+        conn.open_events(job.client_id)
+        # A retry (or a duplicate task) may find the prompt already received: follow it instead.
+        # Before the first POST was attempted ComfyUI cannot know it: no need to ask.
+        if _known_to_comfyui(conn.client, job.prompt_id):
+            job.transition(S.SUBMITTED)
+            return False
+    _post(conn.client, job, before_post=lambda: conn.open_events(job.client_id))
     return True
 
 
@@ -383,7 +420,7 @@ def _known_to_comfyui(client, prompt_id) -> bool:
     return client.history(prompt_id) is not None
 
 
-def _post(client, job):
+def _post(client, job, before_post=None):
     with default_storage.open(job.input_image.name, "rb") as fh:
         data = fh.read()
     ext = job.input_image.name.rsplit(".", 1)[-1]
@@ -395,6 +432,8 @@ def _post(client, job):
         now = timezone.now()
         set_if(job.pk, "posted_at", None, {"posted_at": now})
         job.posted_at = now
+    if before_post is not None:
+        before_post()
     try:
         client.submit(graph, prompt_id=job.prompt_id, client_id=job.client_id,
                       output_node=job.workflow.output_node, extra_data={"i2v_job": str(job.id)})

@@ -38,6 +38,8 @@ the test thread):
   ``executing`` message), so a test can act mid-run. ``wait_held()`` blocks until
   the worker is waiting there. An interrupt releases a held run.
 - ``drop_websocket_after``: abort every websocket after it has been sent N messages.
+- ``ws_gate``: an object with ``is_set()`` (``threading.Event``); while it is not set, websocket
+  upgrades are held unanswered (a slow handshake), the request recorded.
 - ``output_size``: outputs become N bytes (the tiny mp4 followed by a
   deterministic pseudo-random pattern), generated while streaming, never held
   in memory whole.
@@ -52,7 +54,8 @@ the test thread):
   websocket; uploaded inputs and output files stay (they live on disk for real).
 
 Observation: ``requests`` (every request: method, path, query, headers),
-``prompt_posts`` (a Counter of ``POST /prompt`` per prompt_id),
+``prompt_posts`` (a Counter of ``POST /prompt`` per prompt_id), ``posted_with_socket``
+(per prompt_id: whether its client_id's websocket was open when the prompt was posted),
 ``submitted`` (the JSON bodies), ``count(method, path)``, ``running_prompt_id``,
 ``pending_prompt_ids``, ``max_queued``, ``history_ids``, ``output_bytes()``, ``output_sha256()``,
 ``wait_for(predicate)``.
@@ -257,6 +260,7 @@ class ComfyUIDouble(LoopServer):
         fail_type="RuntimeError",
         hold=None,
         drop_websocket_after=None,
+        ws_gate=None,
         output_size=None,
         view_chunk_delay=0.0,
         view_bytes_per_second=None,
@@ -279,6 +283,7 @@ class ComfyUIDouble(LoopServer):
         self.fail_type = fail_type
         self.hold = hold
         self.drop_websocket_after = drop_websocket_after
+        self.ws_gate = ws_gate
         self.output_size = output_size
         self.view_chunk_delay = view_chunk_delay
         self.view_bytes_per_second = view_bytes_per_second
@@ -294,6 +299,7 @@ class ComfyUIDouble(LoopServer):
         self.requests: list[RecordedRequest] = []
         self.view_bytes_sent = 0  # output bytes written to /view responses so far
         self.prompt_posts: collections.Counter = collections.Counter()
+        self.posted_with_socket: dict[str, bool] = {}
         self.submitted: list[dict] = []
         self.max_queued = 0  # the most prompts it held at once (running + pending)
         self._fail_rules: list[dict] = []
@@ -793,6 +799,8 @@ class ComfyUIDouble(LoopServer):
     # ------------------------------------------------------------------ websocket
 
     async def _ws(self, request):
+        while self.ws_gate is not None and not self.ws_gate.is_set():
+            await asyncio.sleep(0.005)
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         sid = request.rel_url.query.get("clientId", "")
@@ -865,6 +873,7 @@ class ComfyUIDouble(LoopServer):
                 self.submitted.append(data)
                 if "prompt_id" in data:
                     self.prompt_posts[str(data["prompt_id"])] += 1
+                    self.posted_with_socket[str(data["prompt_id"])] = data.get("client_id") in self._sockets
 
         if "number" in data:
             number = float(data["number"])

@@ -211,8 +211,9 @@ def test_worker_killed_after_post_resumes_without_second_post(configured, user, 
         pass
 
     # Die right after ComfyUI received the prompt, before the job was marked submitted.
-    def post_and_die(client, j):
+    def post_and_die(client, j, before_post):
         VideoJob.objects.filter(pk=j.pk).update(posted_at=timezone.now())  # as _post records before its POST
+        before_post()  # the websocket is open
         client.submit(runner.build_graph(j, client.upload_image(png_bytes(), f"{j.id}.png")), prompt_id=j.prompt_id,
                       client_id=j.client_id, output_node=j.workflow.output_node)
         raise WorkerDied()
@@ -379,6 +380,30 @@ def test_a_run_heard_whole_on_the_websocket_ends_without_asking_the_history_agai
     ran = (messages["execution_success"]["timestamp"] - messages["execution_start"]["timestamp"]) / 1000
     stat = RunStat.objects.get(workflow_slug=job.workflow_slug, gpu_class=job.gpu_class)
     assert stat.runs == 1 and stat.mean_seconds == pytest.approx(ran)
+
+
+def test_the_image_uploads_while_the_websocket_opens_and_the_prompt_waits_for_the_socket(configured, user):
+    """The websocket's handshake and the image's upload wait on ComfyUI side by side (one job's way
+    to the GPU is shorter by whichever is shorter), yet the prompt is posted only once the socket is
+    open: ComfyUI does not keep the events of a client that is not connected."""
+    comfy = configured
+    comfy.ws_gate = threading.Event()  # the upgrade is held: a slow handshake
+    job = make_job(user)
+    worker = in_thread(run_to_end, job)
+    try:
+        comfy.wait_for(lambda c: c.count("POST", "/upload/image") == 1, timeout=10)
+        # The upload came in while the upgrade was held, the job's prompt not yet posted.
+        assert comfy.count("GET", "/ws") == 1 and not comfy.prompt_posts
+        assert wait_for_row(job, lambda r: r.posted_at is not None).status == S.QUEUED
+    finally:
+        comfy.ws_gate.set()
+    worker.join(timeout=30)
+    job.refresh_from_db()
+    assert job.status == S.COMPLETED, job.error
+    assert comfy.prompt_posts == {job.prompt_id: 1}
+    assert comfy.posted_with_socket == {job.prompt_id: True}
+    # The run came whole over the socket: nothing was asked to make up for lost events.
+    assert comfy.count("GET", f"/history/{job.prompt_id}") == 0
 
 
 def test_following_a_run_takes_next_to_no_cpu_while_it_waits_for_events(configured, user):
