@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_dispatch.py               # 20 in a row and 10 at once, each setup
     .venv/bin/python bench/bench_dispatch.py --jobs 5      # a quick run
+    .venv/bin/python bench/bench_dispatch.py --rtt 20      # the GPUs 20 ms away (a round trip)
 
 The ComfyUI doubles run every prompt for a fixed `--run` seconds, one at a time each, as ComfyUI
 does. Overhead of a job = the time from the client's `POST /api/generate-video` to the client
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import _app  # noqa: E402  (bench/, beside this file)
+from _latency import DelayProxy  # noqa: E402
 from tests.doubles.comfyui import ComfyUIDouble  # noqa: E402
 from tests.helpers import png_bytes  # noqa: E402
 
@@ -291,12 +293,16 @@ def main():
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--run", type=float, default=0.5, help="seconds ComfyUI executes each prompt")
+    parser.add_argument("--rtt", type=float, default=0.0,
+                        help="ms of a round trip to each GPU (a proxy delays each way by half; 0: none)")
     parser.add_argument("--parts-of", help=argparse.SUPPRESS)  # parts_elsewhere()'s process
     args = parser.parse_args()
     if args.parts_of:
         return _parts_of(args.parts_of)
     with contextlib.ExitStack() as stack:
         urls = [stack.enter_context(ComfyUIDouble(run_seconds=args.run)).url for _ in range(args.concurrent)]
+        if args.rtt:  # i2v and the floor alike reach each GPU through its proxy
+            urls = [DelayProxy(int(url.rsplit(":", 1)[1]), args.rtt / 2000).url for url in urls]
         sqlite = App(urls, postgres_redis=False)
         stack.callback(sqlite.stop)
         pg = App(urls, postgres_redis=True)
@@ -337,8 +343,9 @@ def main():
         bound = parts(pg, urls, args.jobs)
         bound_at_once = parts(pg, urls, max(2, args.jobs // 5), args.concurrent)
         sqlite_at_once = parts_elsewhere(sqlite, urls, max(2, args.jobs // 5), args.concurrent)
+    far = f", each GPU {args.rtt:g} ms away (a round trip)" if args.rtt else ""
     print(f"\nper-job overhead (end to end − ComfyUI's execution of {args.run} s), ms; {args.jobs} jobs in a row, "
-          f"and {args.concurrent} at once on {args.concurrent} GPUs (twice), each setup in turn:")
+          f"and {args.concurrent} at once on {args.concurrent} GPUs (twice){far}, each setup in turn:")
     print(f"{'setup':<40} {'in a row: median':>17} {'p90':>7} {'× floor':>8} {'at once: median':>16} {'p90':>7} "
           f"{'× floor':>8}")
     floor_row, floor_once = figures(in_a_row["raw client (floor)"]), figures(at_once["raw client (floor)"])
