@@ -19,6 +19,8 @@ class DelayProxy:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # asyncio keeps only weak references to tasks: a connection's tasks are held here until done.
+        self.tasks = set()
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
@@ -30,13 +32,20 @@ class DelayProxy:
         ready.set()
         self.loop.run_forever()
 
+    def _keep(self, task):
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     async def _handle(self, client_reader, client_writer):
+        self._keep(asyncio.current_task())
         try:
             server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer),
+        await asyncio.gather(self._keep(asyncio.ensure_future(self._pipe(client_reader, server_writer))),
+                             self._keep(asyncio.ensure_future(self._pipe(server_reader, client_writer))),
                              return_exceptions=True)
         for writer in (client_writer, server_writer):
             writer.close()
@@ -55,10 +64,13 @@ class DelayProxy:
                     if writer.can_write_eof():
                         writer.write_eof()
                     return
-                writer.write(data)
-                await writer.drain()
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except OSError:  # the other side went away: what is left is dropped
+                    return
 
-        delivering = asyncio.ensure_future(deliver())
+        delivering = self._keep(asyncio.ensure_future(deliver()))
         try:
             while data := await reader.read(65536):
                 chunks.put_nowait((self.loop.time() + self.delay, data))
