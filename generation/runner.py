@@ -10,6 +10,7 @@ resumed by the next one without a second `POST /prompt`:
 - a run that ComfyUI lost (it restarted) is resubmitted once, then the job fails.
 """
 
+import contextlib
 import io
 import logging
 import mimetypes
@@ -308,11 +309,16 @@ class Connection:
         if self.events is None and self._opening is None:
             self._opening = _opener().submit(self._open, client_id)
 
+    def wait_opened(self):
+        """Wait for the handshake open_events_soon() started, if one is under way; it tried once,
+        as open_events() would (a ComfyUIError left `events` None; anything else raises here)."""
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.result()
+
     def open_events(self, client_id):
         """The websocket, open once this returns (or None: followed by polling)."""
-        if self._opening is not None:
-            opening, self._opening = self._opening, None
-            opening.result()  # ComfyUIError is handled in _open; anything else raises here
+        self.wait_opened()
         if self.events is None:
             self._open(client_id)
 
@@ -326,12 +332,9 @@ class Connection:
 
     def drop_events(self, wait=True):
         """Close the websocket; with wait=False the close handshake runs in the background."""
-        if self._opening is not None:  # a handshake under way ends first: its socket is closed too
-            opening, self._opening = self._opening, None
-            try:
-                opening.result()
-            except Exception:  # noqa: BLE001 - it opened nothing to close
-                pass
+        # A handshake under way ends first: its socket is closed too (one that failed opened nothing).
+        with contextlib.suppress(Exception):
+            self.wait_opened()
         cm, self._cm, self.events = self._cm, None, None
         if cm is None:
             return
@@ -409,7 +412,7 @@ def submit(job, conn) -> bool:
         if _known_to_comfyui(conn.client, job.prompt_id):
             job.transition(S.SUBMITTED)
             return False
-    _post(conn.client, job, before_post=lambda: conn.open_events(job.client_id))
+    _post(conn.client, job, before_post=conn.wait_opened)
     return True
 
 
