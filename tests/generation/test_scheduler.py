@@ -148,6 +148,31 @@ def test_max_running_per_user_holds_the_rest_back(one_gpu, user):
     assert _state(jobs) == ["config", "-", "-"]
 
 
+def test_a_backlog_longer_than_the_pass_reads_with_its_lock_does_not_hide_a_later_users_job(one_gpu, user,
+                                                                                             other_user):
+    """The pass reads the oldest scheduler.HEAD waiting jobs with its lock; when more wait, it reads
+    each user's first few instead, so the other user's job, newer than the whole backlog, still
+    takes the second turn."""
+    UserQuota.objects.create(user=user, max_running=100)
+    backlog = [make_job(user, place=False) for _ in range(scheduler.HEAD + 1)]
+    mine = make_job(other_user, place=False)
+    result = scheduler.run_pass(seen=scheduler.AFTER_COMMIT)
+    assert sorted(result.bound) == sorted([str(backlog[0].pk), str(mine.pk)])
+    assert _state([backlog[0], mine, backlog[1]]) == ["config", "config", "-"]
+
+
+def test_each_users_limit_holds_when_more_users_have_limits_than_the_pass_reads_at_once(one_gpu, user):
+    """The pass reads every user's limits with its lock while there are at most
+    scheduler.QUOTAS_AHEAD; past that, those of the users it places."""
+    others = get_user_model().objects.bulk_create(
+        [get_user_model()(username=f"quota-{i}") for i in range(scheduler.QUOTAS_AHEAD + 1)])
+    UserQuota.objects.bulk_create([UserQuota(user=other, weight=2) for other in others])
+    UserQuota.objects.create(user=user, max_running=1)  # the newest row: not among the first QUOTAS_AHEAD
+    jobs = [make_job(user, place=False) for _ in range(3)]
+    scheduler.run_pass(seen=scheduler.AFTER_COMMIT)
+    assert _state(jobs) == ["config", "-", "-"]
+
+
 def test_max_waiting_answers_429_naming_the_limit(api, user, requeued, settings):  # noqa: F811
     settings.I2V_MAX_WAITING = 2
     import io
