@@ -61,6 +61,15 @@ def test_placements_take_turns_whoever_freed_the_slot():
     assert order == [2, 1, 2, 1, 2, 1]
 
 
+def test_the_waiting_jobs_read_with_the_lock_are_ordered_oldest_first_and_only_when_they_are_all():
+    """The pass reads up to scheduler.HEAD waiting jobs in no order (the scan stops early) and
+    orders them itself; HEAD of them may not be all, and then it reads what it needs instead."""
+    now = timezone.now()
+    head = [("b", 1, "comfyui", "smoke", 64, 64, 17, now), ("a", 2, "comfyui", "smoke", 64, 64, 17, now - timedelta(1))]
+    assert scheduler._all_waiting(head) == [("a", 2, "comfyui", "smoke", 64, 64, 17), ("b", 1, "comfyui", "smoke", 64, 64, 17)]
+    assert scheduler._all_waiting(head * (scheduler.HEAD // 2)) is None
+
+
 def test_estimator_prefers_learned_run_times_and_falls_back_to_the_default():
     estimate = Estimator({("smoke", 64, 64, 17, "RTX 4090"): 12.5, ("smoke", 64, 64, 17, "RTX 5090"): 7.5,
                           ("wan", 480, 832, 81, "RTX 4090"): 200}, default=300)
@@ -150,7 +159,7 @@ def test_max_running_per_user_holds_the_rest_back(one_gpu, user):
 
 def test_a_backlog_longer_than_the_pass_reads_with_its_lock_does_not_hide_a_later_users_job(one_gpu, user,
                                                                                              other_user):
-    """The pass reads the oldest scheduler.HEAD waiting jobs with its lock; when more wait, it reads
+    """The pass reads up to scheduler.HEAD waiting jobs with its lock; when more wait, it reads
     each user's first few instead, so the other user's job, newer than the whole backlog, still
     takes the second turn."""
     UserQuota.objects.create(user=user, max_running=100)
