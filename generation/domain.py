@@ -16,7 +16,7 @@ from generation import jobcache, scheduler
 from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import VideoJob, Workflow
-from i2v.core.sql import columns, convert, fetch, from_row, prebuilt
+from i2v.core.sql import columns, convert, fetch, from_row, prebuilt, read_ahead
 from i2v.core.webhook_secrets import WebhookSecret
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,17 @@ class QueueFull(Exception):
     """The user has as many jobs waiting as their limit allows (answered 429)."""
 
 
+def _workflow_read(slug: str) -> tuple[str, list]:
+    return prebuilt("workflow.active", lambda q: (  # read on every job's request
+        f"SELECT {columns(Workflow, q)} FROM {q(Workflow)} WHERE {q(Workflow, 'slug')} = %s AND {q(Workflow, 'is_active')} = %s"
+    )), [slug, True]
+
+
 def resolve_workflow(slug: str) -> Workflow:
     from gpu.models import GpuConfig
 
     slug = slug or GpuConfig.get().default_workflow or "wan22-i2v"
-    sql = prebuilt("workflow.active", lambda q: (  # read on every job's request
-        f"SELECT {columns(Workflow, q)} FROM {q(Workflow)} WHERE {q(Workflow, 'slug')} = %s AND {q(Workflow, 'is_active')} = %s"))
-    rows = fetch(sql, [slug, True])
+    rows = fetch(*_workflow_read(slug))
     wf = from_row(Workflow, rows[0]) if rows else None
     if wf is None:
         known = ", ".join(Workflow.objects.filter(is_active=True).values_list("slug", flat=True))
@@ -210,14 +214,20 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         raise InputError("image_url", "send either an image file or an image_url, not both")
     if params.backend == "fal" and not settings.FAL_KEY:
         raise InputError("backend", "fal.ai is not configured on this server (FAL_KEY is unset); use backend 'comfyui'")
-    waiting, limit = scheduler.waiting_and_limit(owner.pk)
-    if waiting >= limit:
-        raise QueueFull(f"You have {waiting} jobs waiting, the limit is {limit} (max_waiting): wait for some to "
-                        "start, or cancel some, then send this one again.")
-    if params.webhook_url and not WebhookSecret.signing_secrets(owner):
-        raise InputError("webhook_url", "create your webhook signing secret first (POST /api/account/webhook-secret, "
-                                        "or the Account page), so your receiver can verify each delivery")
-    workflow = resolve_workflow(params.workflow)
+    from gpu.models import GpuConfig
+
+    # The user's waiting count and the workflow (or, when none is named, the default's setting) in
+    # one round trip on PostgreSQL: both are read on every job's request.
+    with read_ahead(scheduler.waiting_and_limit_read(owner.pk),
+                    _workflow_read(params.workflow) if params.workflow else GpuConfig.read()):
+        waiting, limit = scheduler.waiting_and_limit(owner.pk)
+        if waiting >= limit:
+            raise QueueFull(f"You have {waiting} jobs waiting, the limit is {limit} (max_waiting): wait for some to "
+                            "start, or cancel some, then send this one again.")
+        if params.webhook_url and not WebhookSecret.signing_secrets(owner):
+            raise InputError("webhook_url", "create your webhook signing secret first (POST /api/account/webhook-secret, "
+                                            "or the Account page), so your receiver can verify each delivery")
+        workflow = resolve_workflow(params.workflow)
     field = "image"
     if image_bytes is None:
         image_bytes, field = fetch_image(params.image_url), "image_url"
