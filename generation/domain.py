@@ -16,6 +16,7 @@ from generation import jobcache, scheduler
 from generation.failures import advice
 from generation.inputs import InputError, clean_image, fetch_image
 from generation.models import VideoJob, Workflow
+from gpu.models import GpuConfig
 from i2v.core.sql import columns, convert, fetch, from_row, prebuilt, read_ahead
 from i2v.core.webhook_secrets import WebhookSecret
 
@@ -151,8 +152,6 @@ def _workflow_read(slug: str) -> tuple[str, list]:
 
 
 def resolve_workflow(slug: str) -> Workflow:
-    from gpu.models import GpuConfig
-
     slug = slug or GpuConfig.get().default_workflow or "wan22-i2v"
     rows = fetch(*_workflow_read(slug))
     wf = from_row(Workflow, rows[0]) if rows else None
@@ -214,8 +213,6 @@ def create_job(owner, params, *, image_bytes=None, idempotency_key=None) -> tupl
         raise InputError("image_url", "send either an image file or an image_url, not both")
     if params.backend == "fal" and not settings.FAL_KEY:
         raise InputError("backend", "fal.ai is not configured on this server (FAL_KEY is unset); use backend 'comfyui'")
-    from gpu.models import GpuConfig
-
     # The user's waiting count and the workflow (or, when none is named, the default's setting) in
     # one round trip on PostgreSQL: both are read on every job's request.
     with read_ahead(scheduler.waiting_and_limit_read(owner.pk),
